@@ -1,0 +1,20 @@
+# Shared by scripts/test and scripts/demo: where the repository is, and an idempotent
+# installer for Debian packages (only what is missing is installed).
+
+SAPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+sapo_install_debs() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "== installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+# What building the library, its tests and the examples needs.
+SAPO_BUILD_DEBS=(g++ cmake ninja-build catch2 libeigen3-dev xtensor-dev xtl-dev libxsimd-dev)
