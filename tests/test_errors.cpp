@@ -286,3 +286,42 @@ TEST_CASE("error: weighted_prefix weights and reward shapes", "[errors]") {
       "(3, 2)");
   require_untouched(r, 99.0);
 }
+
+TEST_CASE("error: enumeration values outside the documented ones", "[errors]") {
+  LossCase c;
+  SECTION("aggregation") {
+    c.opt.agg = static_cast<sapo::aggregation>(9);
+    require_rejected([&] { c.run(c.inputs()); }, "options.agg", "9");
+  }
+  SECTION("ratio level") {
+    c.opt.ratio = static_cast<sapo::ratio_level>(-1);
+    require_rejected([&] { c.run(c.inputs()); }, "options.ratio", "-1");
+  }
+  c.require_untouched_grad();
+  Buf<double> r(4, 1, Layout::contiguous, 0.5), A(4, 1, Layout::contiguous, 99);
+  sapo::advantage_options o;
+  o.norm = static_cast<sapo::normalization>(5);
+  require_rejected([&] { sapo::group_advantages(r.cview(), sapo::group_layout::contiguous(2), o, A.view()); },
+                   "options.norm", "5");
+  require_untouched(A, 99.0);
+}
+
+TEST_CASE("error: malformed flags other than 0 and 1", "[errors]") {
+  Buf<int64_t> codes(3, 2, Layout::contiguous, 1), targets(3, 2, Layout::contiguous, 1);
+  Buf<uint8_t> malformed(3, 1, Layout::contiguous, 0);
+  malformed.at(2, 0) = 7;
+  Buf<double> r(3, 2, Layout::contiguous, 99);
+  require_rejected([&] { sapo::step_rewards(codes.cview(), malformed.cvec(), targets.cview(), {}, r.view()); },
+                   "malformed", "7");
+  require_untouched(r, 99.0);
+}
+
+TEST_CASE("error: mixed-mode shapes and weights", "[errors]") {
+  Buf<double> out(4, 3, Layout::contiguous, 99), step_adv(4, 3, Layout::contiguous, 0.5);
+  Buf<double> outcome(3, 1, Layout::contiguous, 0.5), outcome4(4, 1, Layout::contiguous, 0.5);
+  require_rejected([&] { sapo::mix_advantages(outcome.cvec(), step_adv.cview(), {}, out.view()); }, "outcome_adv",
+                   "(3)");
+  require_rejected([&] { sapo::mix_advantages(outcome4.cvec(), step_adv.cview(), {NAN, 1.0}, out.view()); },
+                   "weights.outcome", "nan");
+  require_untouched(out, 99.0);
+}

@@ -132,3 +132,30 @@ TEST_CASE("policy_loss by hand: one token per branch", "[loss]") {
   REQUIRE(r.clip_frac_dual == 0.25);
   REQUIRE(r.ratio_max == Approx(4.0));
 }
+
+TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]") {
+  // One token per step in one row: step_mean over 64 present steps, step 63 included.
+  const int64_t T = 64;
+  LossProblem p;
+  p.B = 1;
+  p.T = T;
+  p.K = 64;
+  std::mt19937_64 rng(64);
+  p.logp = random_logp(rng, 1, T);
+  p.old_logp = perturbed(rng, p.logp, 0.1);
+  p.step_adv = random_logp(rng, 1, 64, -1, 1);
+  p.step = {std::vector<int64_t>(size_t(T))};
+  p.mask = {std::vector<int64_t>(size_t(T), 1)};
+  for (int64_t t = 0; t < T; ++t) p.step[0][size_t(t)] = t;
+  p.token_adv = sapo_ref::broadcast(p.step_adv, p.step, p.mask);
+  p.ref_logp = p.logp;
+  sapo::loss_options opt;
+  opt.ratio = sapo::ratio_level::step;
+  opt.agg = sapo::aggregation::step_mean;
+  LossBuffers<double> buf(p, Layout::contiguous);
+  const auto got = sapo::policy_loss(buf.inputs(false, true), opt, buf.grad.view());
+  const auto want = reference_loss(p, opt, false);
+  REQUIRE(got.n_steps == 64);
+  require_close(got.loss, want.loss, 1e-12, 1e-15);
+  require_close(to_ref(buf.grad), want.grad, 1e-12, 1e-15);
+}

@@ -98,9 +98,8 @@ SAPO_HOST_DEVICE double group_relative_advantage(double r, const group_moments& 
 
 inline void check_advantage_options(const advantage_options& o) {
   SAPO_CHECK(o.eps > 0 && std::isfinite(o.eps), "options.eps", "a finite value > 0", o.eps);
-  SAPO_CHECK(o.norm == normalization::std || o.norm == normalization::std_floor || o.norm == normalization::none ||
-                 o.norm == normalization::loo || o.norm == normalization::batch_std,
-             "options.norm", "one of std, std_floor, none, loo, batch_std", static_cast<int>(o.norm));
+  check_enum("options.norm", o.norm, normalization::batch_std);
+  check_enum("options.singleton", o.singleton, singleton_policy::raw);
 }
 
 /// Group of every response, validated; n_groups through the reference.
@@ -264,17 +263,20 @@ struct mix_weights {
 /// \param step_adv    (B, K)  from group_advantages
 /// \param out         (B, K)  may alias step_adv exactly (same view)
 template <class O, class S, class A>
-void mix_advantages(vec_view<O> outcome_adv, mat_view<S> step_adv, mix_weights w, mat_view<A> out) {
+void mix_advantages(vec_view<O> outcome_adv, mat_view<S> step_adv, mix_weights weights, mat_view<A> out) {
+  static_assert(std::is_floating_point<A>::value, "advantages must be float or double");
   const int64_t B = step_adv.rows, K = step_adv.cols;
+  detail::check_num_steps("step_adv.cols (K)", K);
+  detail::check_shape("step_adv", step_adv, B, K);
   detail::check_shape("outcome_adv", outcome_adv, B);
   detail::check_shape("out", out, B, K);
   detail::check_output("out", out);
-  SAPO_CHECK(std::isfinite(w.outcome), "weights.outcome", "a finite weight", w.outcome);
-  SAPO_CHECK(std::isfinite(w.step), "weights.step", "a finite weight", w.step);
+  SAPO_CHECK(std::isfinite(weights.outcome), "weights.outcome", "a finite weight", weights.outcome);
+  SAPO_CHECK(std::isfinite(weights.step), "weights.step", "a finite weight", weights.step);
   for (int64_t i = 0; i < B; ++i)
     for (int64_t k = 0; k < K; ++k)
-      out(i, k) = static_cast<A>(w.outcome * static_cast<double>(outcome_adv(i)) +
-                                 w.step * static_cast<double>(step_adv(i, k)));
+      out(i, k) = static_cast<A>(weights.outcome * static_cast<double>(outcome_adv(i)) +
+                                 weights.step * static_cast<double>(step_adv(i, k)));
 }
 
 /// \brief Token advantages: token_adv[i,t] = A[i, step[i,t]] where step >= 0 and mask = 1, else 0.
@@ -284,7 +286,10 @@ void mix_advantages(vec_view<O> outcome_adv, mat_view<S> step_adv, mix_weights w
 /// \param token_adv (B, T) output
 template <class A, class S, class M, class O>
 void broadcast_step_advantages(mat_view<A> adv, mat_view<S> step, mat_view<M> mask, mat_view<O> token_adv) {
+  static_assert(std::is_floating_point<O>::value, "token advantages must be float or double");
+  static_assert(std::is_integral<std::remove_const_t<S>>::value, "step ids must be an integer type");
   const int64_t B = step.rows, T = step.cols, K = adv.cols;
+  detail::check_num_steps("adv.cols (K)", K);
   detail::check_shape("adv", adv, B, K);
   detail::check_shape("step", step, B, T);
   detail::check_shape("mask", mask, B, T);

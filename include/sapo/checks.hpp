@@ -39,6 +39,14 @@ void check_output(const char* name, const vec_view<T>& v) {
   SAPO_CHECK(v.size <= 1 || v.stride != 0, name, "a nonzero stride for an output", v.stride);
 }
 
+/// Enumerations arrive from other languages as integers: reject values outside the enum.
+template <class E>
+void check_enum(const char* name, E value, E last) {
+  const auto v = static_cast<int>(value);
+  SAPO_CHECK(v >= 0 && v <= static_cast<int>(last), name, "one of the " << static_cast<int>(last) + 1 << " documented values",
+             v);
+}
+
 inline void check_num_steps(const char* name, int64_t K) {
   SAPO_CHECK(K >= 1 && K <= max_steps, name, "a number of steps K in [1, " << max_steps << "]", K);
 }

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "checks.hpp"
@@ -80,6 +81,10 @@ struct loss_result {
 namespace detail {
 
 inline void check_loss_options(const loss_options& o) {
+  check_enum("options.ratio", o.ratio, ratio_level::sequence);
+  check_enum("options.kl", o.kl, kl_estimator::k3);
+  check_enum("options.agg", o.agg, aggregation::step_mean);
+  check_enum("options.nonfinite", o.nonfinite, nonfinite_policy::mask);
   SAPO_CHECK(o.clip_low > 0 && o.clip_low < 1, "options.clip_low", "a value in (0, 1)", o.clip_low);
   SAPO_CHECK(o.clip_high > 0 && std::isfinite(o.clip_high), "options.clip_high", "a value in (0, inf)", o.clip_high);
   if (o.dual_clip)
@@ -164,9 +169,9 @@ loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& optio
       if (!finite_token(i, t)) {
         SAPO_CHECK(options.nonfinite == nonfinite_policy::mask, "logp / old_logp / ref_logp / advantages",
                    "finite values at masked-in token (" << i << ", " << t << ")",
-                   "logp " << in.logp(i, t) << ", old_logp " << in.old_logp(i, t)
-                           << (use_ref ? ", ref_logp " : "") << (use_ref ? static_cast<double>(in.ref_logp(i, t)) : 0.0)
-                           << ", advantage " << advantage(i, t));
+                   "logp " << in.logp(i, t) << ", old_logp " << in.old_logp(i, t) << ", ref_logp "
+                           << (use_ref ? std::to_string(in.ref_logp(i, t)) : std::string("none")) << ", advantage "
+                           << advantage(i, t));
         ++res.n_nonfinite_masked;
         continue;
       }

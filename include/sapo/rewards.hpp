@@ -63,6 +63,9 @@ void step_rewards(mat_view<C> codes, vec_view<F> malformed, mat_view<Y> targets,
   detail::check_shape("targets", targets, B, K);
   detail::check_shape("rewards", rewards, B, K);
   detail::check_output("rewards", rewards);
+  detail::check_enum("options.kind", options.kind, reward_kind::exact);
+  for (int64_t i = 0; i < B; ++i)
+    SAPO_CHECK(malformed(i) == F(0) || malformed(i) == F(1), "malformed", "0 or 1 at response " << i, +malformed(i));
   if (options.kind == reward_kind::weighted_prefix) {
     SAPO_CHECK(static_cast<int64_t>(options.level_weights.size()) == K, "options.level_weights",
                "K = " << K << " weights for weighted_prefix", options.level_weights.size() << " weights");

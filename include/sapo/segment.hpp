@@ -104,6 +104,8 @@ struct sid_rules {
 
 inline sid_rules make_sid_rules(const segment_options& opt) {
   check_num_steps("options.num_steps", opt.num_steps);
+  check_enum("options.layout", opt.layout, step_layout::think_then_sid);
+  check_enum("options.tail", opt.tail, tail_policy::last_step);
   const int64_t K = opt.num_steps;
   const auto n = static_cast<int64_t>(opt.sid_ranges.size());
   SAPO_CHECK(n == 1 || n == K, "options.sid_ranges", "1 shared range or K = " << K << " per-level ranges",

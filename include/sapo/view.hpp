@@ -1,7 +1,8 @@
 /// \file view.hpp
 /// \brief Non-owning strided views. Sizes and strides are int64_t and counted in
-/// elements, so slices of large tensors (and negative or zero strides on inputs) work
-/// without copies.
+/// elements, so slices of large tensors work without copies. Any stride is allowed on
+/// inputs (a zero stride broadcasts); outputs reject a zero stride, which would make two
+/// elements share one address.
 #pragma once
 
 #include <cstdint>

@@ -42,15 +42,7 @@ void require_same_elements(const sapo::vec_view<T>& v, const E& e) {
   for (int64_t i = 0; i < v.size; ++i) REQUIRE(v(i) == e(i));
 }
 
-// A row-major copy as plain std::vector, the "raw pointer" side of every comparison.
-template <class T, class E>
-std::vector<T> row_major_copy(const E& e) {
-  std::vector<T> out;
-  for (Eigen::Index i = 0; i < e.rows(); ++i)
-    for (Eigen::Index j = 0; j < e.cols(); ++j) out.push_back(static_cast<T>(e(i, j)));
-  return out;
-}
-
+// The "raw pointer" side of every comparison: contiguous row-major std::vector buffers.
 template <class T>
 sapo::mat_view<const T> raw(const std::vector<T>& v, int64_t rows, int64_t cols) {
   return {v.data(), rows, cols};

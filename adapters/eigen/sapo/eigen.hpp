@@ -125,21 +125,29 @@ constexpr void refuse_owning_temporary() {
                 "the statement; store it in a variable first");
 }
 
-/// Writable view for a kernel output; `Out` must not be const or read-only.
+#define SAPO_EIGEN_READ_ONLY_MESSAGE \
+  "sapo::eigen: an output must be writable (not const, not a Map<const ...> or Ref<const ...>)"
+
+/// Writable view for a kernel output; `Out` must not be const or read-only. The const_cast
+/// only ever removes a const that the static_assert has already rejected; it keeps the
+/// compiler from piling kernel errors on top of the message.
 template <class Out>
 auto output_matrix(Out&& out) {
-  auto m = matrix_of(std::forward<Out>(out));
-  static_assert(!std::is_const<std::remove_pointer_t<decltype(m.data)>>::value,
-                "sapo::eigen: an output must be writable (not const, not a Map<const ...> or Ref<const ...>)");
-  return m;
+  const auto m = matrix_of(std::forward<Out>(out));
+  using T = std::remove_pointer_t<decltype(m.data)>;
+  static_assert(!std::is_const<T>::value, SAPO_EIGEN_READ_ONLY_MESSAGE);
+  using W = std::remove_const_t<T>;
+  return mat_view<W>(const_cast<W*>(m.data), m.rows, m.cols, m.row_stride, m.col_stride);
 }
 template <class Out>
 auto output_vector(Out&& out, const char* name) {
-  auto v = vector_of(std::forward<Out>(out), name);
-  static_assert(!std::is_const<std::remove_pointer_t<decltype(v.data)>>::value,
-                "sapo::eigen: an output must be writable (not const, not a Map<const ...> or Ref<const ...>)");
-  return v;
+  const auto v = vector_of(std::forward<Out>(out), name);
+  using T = std::remove_pointer_t<decltype(v.data)>;
+  static_assert(!std::is_const<T>::value, SAPO_EIGEN_READ_ONLY_MESSAGE);
+  using W = std::remove_const_t<T>;
+  return vec_view<W>(const_cast<W*>(v.data), v.size, v.stride);
 }
+#undef SAPO_EIGEN_READ_ONLY_MESSAGE
 
 }  // namespace detail
 
@@ -205,8 +213,9 @@ template <class Codes, class Malformed, class Targets, class Rewards,
           std::enable_if_t<detail::all_dense<Codes, Malformed, Targets, Rewards>, int> = 0>
 void step_rewards(const Codes& codes, const Malformed& malformed, const Targets& targets,
                   const reward_options& options, Rewards&& rewards) {
-  ::sapo::step_rewards(detail::matrix_of(codes), detail::vector_of(malformed, "malformed"),
-                       detail::matrix_of(targets), options, detail::output_matrix(std::forward<Rewards>(rewards)));
+  const auto malformed_v = detail::vector_of(malformed, "malformed");
+  ::sapo::step_rewards(detail::matrix_of(codes), malformed_v, detail::matrix_of(targets), options,
+                       detail::output_matrix(std::forward<Rewards>(rewards)));
 }
 
 /// sapo::group_advantages: rewards (B, K) -> adv (B, K); returns the per-step statistics.
@@ -221,14 +230,15 @@ advantage_stats group_advantages(const Rewards& rewards, const group_layout& gro
 template <class Rewards, class Adv, std::enable_if_t<detail::all_dense<Rewards, Adv>, int> = 0>
 advantage_stats outcome_advantages(const Rewards& rewards, const group_layout& groups,
                                    const advantage_options& options, Adv&& adv) {
-  return ::sapo::outcome_advantages(detail::vector_of(rewards, "rewards"), groups, options,
-                                    detail::output_vector(std::forward<Adv>(adv), "adv"));
+  const auto rewards_v = detail::vector_of(rewards, "rewards");
+  return ::sapo::outcome_advantages(rewards_v, groups, options, detail::output_vector(std::forward<Adv>(adv), "adv"));
 }
 
 /// sapo::mix_advantages: outcome_adv (B), step_adv (B, K) -> out (B, K).
 template <class Outcome, class Steps, class Out, std::enable_if_t<detail::all_dense<Outcome, Steps, Out>, int> = 0>
 void mix_advantages(const Outcome& outcome_adv, const Steps& step_adv, mix_weights weights, Out&& out) {
-  ::sapo::mix_advantages(detail::vector_of(outcome_adv, "outcome_adv"), detail::matrix_of(step_adv), weights,
+  const auto outcome_v = detail::vector_of(outcome_adv, "outcome_adv");
+  ::sapo::mix_advantages(outcome_v, detail::matrix_of(step_adv), weights,
                          detail::output_matrix(std::forward<Out>(out)));
 }
 
@@ -243,7 +253,8 @@ void broadcast_step_advantages(const Adv& adv, const Step& step, const Mask& mas
 /// sapo::broadcast_outcome_advantages: adv (B), mask (B, T) -> token_adv (B, T).
 template <class Adv, class Mask, class Out, std::enable_if_t<detail::all_dense<Adv, Mask, Out>, int> = 0>
 void broadcast_outcome_advantages(const Adv& adv, const Mask& mask, Out&& token_adv) {
-  ::sapo::broadcast_outcome_advantages(detail::vector_of(adv, "adv"), detail::matrix_of(mask),
+  const auto adv_v = detail::vector_of(adv, "adv");
+  ::sapo::broadcast_outcome_advantages(adv_v, detail::matrix_of(mask),
                                        detail::output_matrix(std::forward<Out>(token_adv)));
 }
 

@@ -141,23 +141,28 @@ constexpr void refuse_owning_temporary() {
                 "statement; store it in a variable first");
 }
 
-template <class V>
-constexpr void require_writable() {
-  static_assert(!std::is_const<std::remove_pointer_t<decltype(V::data)>>::value,
-                "sapo::xtensor: an output must be writable (not const, not a view of a const container)");
-}
+#define SAPO_XTENSOR_READ_ONLY_MESSAGE \
+  "sapo::xtensor: an output must be writable (not const, not a view of a const container)"
+
+// The const_cast below only ever removes a const that the static_assert has already
+// rejected; it keeps the compiler from piling kernel errors on top of the message.
 template <class Out>
 auto output_matrix(Out&& out, const char* name) {
-  auto m = matrix_of(std::forward<Out>(out), name);
-  require_writable<decltype(m)>();
-  return m;
+  const auto m = matrix_of(std::forward<Out>(out), name);
+  using T = std::remove_pointer_t<decltype(m.data)>;
+  static_assert(!std::is_const<T>::value, SAPO_XTENSOR_READ_ONLY_MESSAGE);
+  using W = std::remove_const_t<T>;
+  return mat_view<W>(const_cast<W*>(m.data), m.rows, m.cols, m.row_stride, m.col_stride);
 }
 template <class Out>
 auto output_vector(Out&& out, const char* name) {
-  auto v = vector_of(std::forward<Out>(out), name);
-  require_writable<decltype(v)>();
-  return v;
+  const auto v = vector_of(std::forward<Out>(out), name);
+  using T = std::remove_pointer_t<decltype(v.data)>;
+  static_assert(!std::is_const<T>::value, SAPO_XTENSOR_READ_ONLY_MESSAGE);
+  using W = std::remove_const_t<T>;
+  return vec_view<W>(const_cast<W*>(v.data), v.size, v.stride);
 }
+#undef SAPO_XTENSOR_READ_ONLY_MESSAGE
 
 template <class E>
 using value_t = std::remove_const_t<element_t<E>>;
@@ -183,8 +188,9 @@ auto vector_view(E&& e, const char* name = "vector") {
 }
 
 // -------------------------------------------------------------- kernel wrappers
-// Each one builds views (rank-checked, named as in the kernel) and calls the kernel of the
-// same name in namespace sapo; see it for the meaning of every argument.
+// Each one builds views (rank-checked, named as in the kernel; inputs first, in argument
+// order, so the first bad argument is the one reported) and calls the kernel of the same
+// name in namespace sapo; see it for the meaning of every argument.
 
 /// sapo::segment_steps: tokens (B, T), mask (B, T) -> step (B, T) int32, n_steps (B)
 /// int32, codes (B, K) int64, malformed (B) uint8.
@@ -197,12 +203,14 @@ segment_stats segment_steps(const Tok& tokens, const Mask& mask, const segment_o
                     std::is_same<detail::value_t<Codes>, int64_t>::value &&
                     std::is_same<detail::value_t<Malformed>, uint8_t>::value,
                 "sapo::xtensor::segment_steps: outputs are step int32, n_steps int32, codes int64, malformed uint8");
+  const auto tokens_v = detail::matrix_of(tokens, "tokens");
+  const auto mask_v = detail::matrix_of(mask, "mask");
   segment_outputs out;
   out.step = detail::output_matrix(std::forward<Step>(step), "out.step");
   out.n_steps = detail::output_vector(std::forward<NSteps>(n_steps), "out.n_steps");
   out.codes = detail::output_matrix(std::forward<Codes>(codes), "out.codes");
   out.malformed = detail::output_vector(std::forward<Malformed>(malformed), "out.malformed");
-  return ::sapo::segment_steps(detail::matrix_of(tokens, "tokens"), detail::matrix_of(mask, "mask"), options, out);
+  return ::sapo::segment_steps(tokens_v, mask_v, options, out);
 }
 
 /// sapo::step_rewards: codes (B, K), malformed (B), targets (B, K) -> rewards (B, K).
@@ -210,8 +218,10 @@ template <class Codes, class Malformed, class Targets, class Rewards,
           std::enable_if_t<detail::all_candidates<Codes, Malformed, Targets, Rewards>, int> = 0>
 void step_rewards(const Codes& codes, const Malformed& malformed, const Targets& targets,
                   const reward_options& options, Rewards&& rewards) {
-  ::sapo::step_rewards(detail::matrix_of(codes, "codes"), detail::vector_of(malformed, "malformed"),
-                       detail::matrix_of(targets, "targets"), options,
+  const auto codes_v = detail::matrix_of(codes, "codes");
+  const auto malformed_v = detail::vector_of(malformed, "malformed");
+  const auto targets_v = detail::matrix_of(targets, "targets");
+  ::sapo::step_rewards(codes_v, malformed_v, targets_v, options,
                        detail::output_matrix(std::forward<Rewards>(rewards), "rewards"));
 }
 
@@ -219,39 +229,44 @@ void step_rewards(const Codes& codes, const Malformed& malformed, const Targets&
 template <class Rewards, class Adv, std::enable_if_t<detail::all_candidates<Rewards, Adv>, int> = 0>
 advantage_stats group_advantages(const Rewards& rewards, const group_layout& groups,
                                  const advantage_options& options, Adv&& adv) {
-  return ::sapo::group_advantages(detail::matrix_of(rewards, "rewards"), groups, options,
-                                  detail::output_matrix(std::forward<Adv>(adv), "adv"));
+  const auto rewards_v = detail::matrix_of(rewards, "rewards");
+  return ::sapo::group_advantages(rewards_v, groups, options, detail::output_matrix(std::forward<Adv>(adv), "adv"));
 }
 
 /// sapo::outcome_advantages (GRPO): rewards (B) -> adv (B).
 template <class Rewards, class Adv, std::enable_if_t<detail::all_candidates<Rewards, Adv>, int> = 0>
 advantage_stats outcome_advantages(const Rewards& rewards, const group_layout& groups,
                                    const advantage_options& options, Adv&& adv) {
-  return ::sapo::outcome_advantages(detail::vector_of(rewards, "rewards"), groups, options,
-                                    detail::output_vector(std::forward<Adv>(adv), "adv"));
+  const auto rewards_v = detail::vector_of(rewards, "rewards");
+  return ::sapo::outcome_advantages(rewards_v, groups, options, detail::output_vector(std::forward<Adv>(adv), "adv"));
 }
 
 /// sapo::mix_advantages: outcome_adv (B), step_adv (B, K) -> out (B, K).
 template <class Outcome, class Steps, class Out,
           std::enable_if_t<detail::all_candidates<Outcome, Steps, Out>, int> = 0>
 void mix_advantages(const Outcome& outcome_adv, const Steps& step_adv, mix_weights weights, Out&& out) {
-  ::sapo::mix_advantages(detail::vector_of(outcome_adv, "outcome_adv"), detail::matrix_of(step_adv, "step_adv"),
-                         weights, detail::output_matrix(std::forward<Out>(out), "out"));
+  const auto outcome_v = detail::vector_of(outcome_adv, "outcome_adv");
+  const auto step_v = detail::matrix_of(step_adv, "step_adv");
+  ::sapo::mix_advantages(outcome_v, step_v, weights, detail::output_matrix(std::forward<Out>(out), "out"));
 }
 
 /// sapo::broadcast_step_advantages: adv (B, K), step (B, T), mask (B, T) -> token_adv (B, T).
 template <class Adv, class Step, class Mask, class Out,
           std::enable_if_t<detail::all_candidates<Adv, Step, Mask, Out>, int> = 0>
 void broadcast_step_advantages(const Adv& adv, const Step& step, const Mask& mask, Out&& token_adv) {
-  ::sapo::broadcast_step_advantages(detail::matrix_of(adv, "adv"), detail::matrix_of(step, "step"),
-                                    detail::matrix_of(mask, "mask"),
+  const auto adv_v = detail::matrix_of(adv, "adv");
+  const auto step_v = detail::matrix_of(step, "step");
+  const auto mask_v = detail::matrix_of(mask, "mask");
+  ::sapo::broadcast_step_advantages(adv_v, step_v, mask_v,
                                     detail::output_matrix(std::forward<Out>(token_adv), "token_adv"));
 }
 
 /// sapo::broadcast_outcome_advantages: adv (B), mask (B, T) -> token_adv (B, T).
 template <class Adv, class Mask, class Out, std::enable_if_t<detail::all_candidates<Adv, Mask, Out>, int> = 0>
 void broadcast_outcome_advantages(const Adv& adv, const Mask& mask, Out&& token_adv) {
-  ::sapo::broadcast_outcome_advantages(detail::vector_of(adv, "adv"), detail::matrix_of(mask, "mask"),
+  const auto adv_v = detail::vector_of(adv, "adv");
+  const auto mask_v = detail::matrix_of(mask, "mask");
+  ::sapo::broadcast_outcome_advantages(adv_v, mask_v,
                                        detail::output_matrix(std::forward<Out>(token_adv), "token_adv"));
 }
 
@@ -265,8 +280,7 @@ loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& optio
 namespace detail {
 template <class LogP, class... Same>
 constexpr void check_log_prob_types() {
-  static_assert(has_storage<bare<LogP>>::value && (has_storage<bare<Same>>::value && ...),
-                SAPO_XTENSOR_NO_STORAGE_MESSAGE);
+  // Expressions without storage are reported by matrix_of; only check the types here.
   if constexpr (has_storage<bare<LogP>>::value && (has_storage<bare<Same>>::value && ...)) {
     using T = value_t<LogP>;
     static_assert(std::is_floating_point<T>::value, "sapo::xtensor::policy_loss: logp must hold float or double");
