@@ -49,6 +49,7 @@ struct loss_options {
   /// Global normalizers for data-parallel use; 0 = the local count.
   double global_tokens = 0, global_sequences = 0, global_steps = 0;
   nonfinite_policy nonfinite = nonfinite_policy::error;
+  int num_threads = 0;  ///< worker threads; 0 = every hardware thread. Results do not depend on it.
 };
 
 /// Inputs; every (B, T) view may have its own strides. Give either token_advantages or

@@ -41,6 +41,7 @@ struct segment_options {
   int64_t think_end_id = -1;                      ///< closes a thinking block (think_then_sid only)
   bool sid_token_in_step = true;                  ///< think_then_sid: a_k belongs to step k (false: step -1)
   tail_policy tail = tail_policy::no_step;
+  int num_threads = 0;  ///< worker threads; 0 = every hardware thread. Results do not depend on it.
 };
 
 /// Caller-provided outputs (any strides).
