@@ -1,11 +1,12 @@
 /// \file loss_math.hpp
 /// \brief SPEC §4 for one token: importance ratio, clipped surrogate, KL penalty and their
-/// derivatives with respect to logp. Shared by the CPU loops and the CUDA kernels.
+/// derivatives with respect to logp. Written once, branch-free, over a value type V that
+/// is a scalar (float, double: the reference-style paths and CUDA) or a SIMD pack
+/// (simd.hpp), so every path computes the same formulas.
 #pragma once
 
-#include <cmath>
-
 #include "config.hpp"
+#include "simd.hpp"
 
 namespace sapo {
 
@@ -22,17 +23,24 @@ namespace detail {
 constexpr double log_ratio_bound = 20.0;  // delta and the k3 argument are clamped to +-20
 constexpr double k3_bound = 10.0;         // k3 itself is clamped to +-10
 
-SAPO_HOST_DEVICE double clamp(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
-
-/// delta = clamp(logp - old_logp, -20, 20).
-SAPO_HOST_DEVICE double clamped_log_ratio(double logp, double old_logp) {
-  return clamp(logp - old_logp, -log_ratio_bound, log_ratio_bound);
+template <class V>
+SAPO_HOST_DEVICE V clamp(V x, V lo, V hi) {
+  return simd::min(simd::max(x, lo), hi);
 }
 
-/// d delta / d logp: the clamp passes the gradient on its closed interval (as torch.clamp).
-SAPO_HOST_DEVICE double log_ratio_slope(double logp, double old_logp) {
-  const double d = logp - old_logp;
-  return (d >= -log_ratio_bound && d <= log_ratio_bound) ? 1.0 : 0.0;
+template <class V>
+struct token_ratio {
+  V delta;  // clamp(logp - old_logp, -20, 20)
+  V rho;    // exp(delta)
+  V slope;  // d log(rho) / d logp: 1 inside the clamp (closed interval, as torch.clamp), else 0
+};
+
+template <class V>
+SAPO_HOST_DEVICE token_ratio<V> importance_ratio(V logp, V old_logp) {
+  const V d = logp - old_logp;
+  const V bound(log_ratio_bound);
+  const V delta = clamp(d, -bound, bound);
+  return {delta, simd::exp(delta), simd::select((d >= -bound) && (d <= bound), V(1), V(0))};
 }
 
 struct clip_params {
@@ -41,56 +49,58 @@ struct clip_params {
   double dual_c = 3.0;
 };
 
-/// Which branch of the surrogate won, for the clip fractions.
-enum class branch : unsigned char { unclipped, clipped_low, clipped_high, clipped_inside, dual };
-
+template <class V>
 struct surrogate_value {
-  double loss;   // l
-  double slope;  // dl / dlogp
-  branch won;
+  using mask = decltype(V(0) < V(0));
+  V loss;   // l
+  V slope;  // dl / dlogp
+  mask clipped_low, clipped_high, dual;  // which clipped branch won (strictly)
 };
 
 /// l = max(-a rho, -a clip(rho, 1-low, 1+high)); for a < 0 with dual clip, min(l, -a c).
 /// dl/dlogp = -a rho dlogrho on the unclipped branch (ties included), 0 on a clipped one,
-/// where dlogrho = d log(rho) / d logp (1, or 0 where the delta clamp bites).
-SAPO_HOST_DEVICE surrogate_value clipped_surrogate(double a, double rho, double dlogrho, const clip_params& c) {
-  const double clipped_rho = clamp(rho, 1.0 - c.low, 1.0 + c.high);
-  const double unclipped = -a * rho;
-  const double clipped = -a * clipped_rho;
-  surrogate_value v;
-  if (unclipped >= clipped) {
-    v = {unclipped, -a * rho * dlogrho, branch::unclipped};
-  } else {
-    v = {clipped, 0.0,
-         rho < 1.0 - c.low ? branch::clipped_low : (rho > 1.0 + c.high ? branch::clipped_high : branch::clipped_inside)};
-  }
-  if (c.dual && a < 0) {
-    const double cap = -a * c.dual_c;
-    if (cap < v.loss) v = {cap, 0.0, branch::dual};
+/// where dlogrho = d log(rho) / d logp.
+template <class V>
+SAPO_HOST_DEVICE surrogate_value<V> clipped_surrogate(V a, V rho, V dlogrho, const clip_params& c) {
+  const V lo(1.0 - c.low), hi(1.0 + c.high);
+  const V unclipped = -a * rho;
+  const V clipped = -a * clamp(rho, lo, hi);
+  const auto take_clipped = unclipped < clipped;
+  surrogate_value<V> v{simd::select(take_clipped, clipped, unclipped),
+                       simd::select(take_clipped, V(0), unclipped * dlogrho), take_clipped && (rho < lo),
+                       take_clipped && (rho > hi),
+                       typename surrogate_value<V>::mask(false)};
+  if (c.dual) {
+    const V cap = -a * V(c.dual_c);
+    v.dual = (a < V(0)) && (cap < v.loss);
+    v.loss = simd::select(v.dual, cap, v.loss);
+    v.slope = simd::select(v.dual, V(0), v.slope);
   }
   return v;
 }
 
+template <class V>
 struct kl_value {
-  double k;      // the estimator's value
-  double slope;  // dk / dlogp
+  V k;      // the estimator's value
+  V slope;  // dk / dlogp
 };
 
 /// KL to the reference with delta = ref_logp - logp:
 ///   k1 = -delta,                       dk/dlogp = 1
 ///   k2 = delta^2 / 2,                  dk/dlogp = -delta
 ///   k3 = exp(delta) - delta - 1,       dk/dlogp = 1 - exp(delta)  (0 where a clamp bites)
-SAPO_HOST_DEVICE kl_value kl_penalty(double logp, double ref_logp, kl_estimator est) {
-  const double delta = ref_logp - logp;
-  switch (est) {
-    case kl_estimator::k1: return {-delta, 1.0};
-    case kl_estimator::k2: return {0.5 * delta * delta, -delta};
-    case kl_estimator::k3: break;
-  }
-  const double dc = clamp(delta, -log_ratio_bound, log_ratio_bound);
-  const double k = std::exp(dc) - dc - 1.0;
-  const bool inside = delta >= -log_ratio_bound && delta <= log_ratio_bound && k >= -k3_bound && k <= k3_bound;
-  return {clamp(k, -k3_bound, k3_bound), inside ? 1.0 - std::exp(delta) : 0.0};
+template <class V>
+SAPO_HOST_DEVICE kl_value<V> kl_penalty(V logp, V ref_logp, kl_estimator est) {
+  const V delta = ref_logp - logp;
+  if (est == kl_estimator::k1) return {-delta, V(1)};
+  if (est == kl_estimator::k2) return {V(0.5) * delta * delta, -delta};
+  const V bound(log_ratio_bound), kb(k3_bound);
+  const V dc = clamp(delta, -bound, bound);
+  const V e = simd::exp(dc);
+  const V k = e - dc - V(1);
+  // Inside both clamps exp(delta) = exp(dc), so one exponential serves value and slope.
+  const auto inside = (delta >= -bound) && (delta <= bound) && (k >= -kb) && (k <= kb);
+  return {clamp(k, -kb, kb), simd::select(inside, V(1) - e, V(0))};
 }
 
 }  // namespace detail

@@ -14,11 +14,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "checks.hpp"
 #include "loss_math.hpp"
+#include "parallel.hpp"
+#include "simd.hpp"
 #include "view.hpp"
 
 namespace sapo {
@@ -102,18 +107,541 @@ inline void check_loss_options(const loss_options& o) {
              "a finite count >= 0 (0 = local)", o.global_steps);
 }
 
-/// Per-row partial sums, combined in row order so the result never depends on scheduling.
-struct row_sums {
-  double loss = 0, ratio = 0, ratio_max = 0, kl_old = 0, kl_old_k3 = 0, kl_ref = 0;
-  int64_t clip_low = 0, clip_high = 0, clip_dual = 0;
+/// Counts from the read-only pass over one chunk of rows.
+struct chunk_counts {
+  int64_t tokens = 0, sequences = 0, steps = 0, nonfinite = 0;
+};
+
+/// Partial sums of one chunk, in double, combined in chunk order.
+struct chunk_sums {
+  double loss = 0, ratio = 0, kl_old = 0, kl_old_k3 = 0, kl_ref = 0;
+  double ratio_max = -std::numeric_limits<double>::infinity();
+  double clip_low = 0, clip_high = 0, clip_dual = 0;
+};
+
+/// The fused policy loss. Two passes over the tokens, both parallel over fixed row chunks
+/// and both working on tiles of `tile` tokens of one row:
+///   scan:    read-only; validates every used value (SIMD), counts tokens / rows / steps
+///            and sums delta per (row, step) -- O(B K) memory -- so the normalizers and
+///            the step ratios are known, and nothing is written if an input is rejected;
+///   compute: the per-token table lookups (step advantage, step weight, step ratio) in a
+///            short scalar loop, then the branch-free SIMD formulas of loss_math.hpp;
+///            writes the gradient once.
+/// A strided or ragged tile is first copied into contiguous scratch, so every token goes
+/// through the same instructions whatever the layout: the results are bit-identical
+/// across layouts and thread counts.
+template <class T, class M, class G>
+class policy_loss_kernel {
+ public:
+  static constexpr int64_t tile = 256;
+  using P = simd::pack<T>;
+  static constexpr int64_t W = static_cast<int64_t>(simd::lanes<T>);
+  static_assert(tile % W == 0, "the tile must hold whole packs");
+  // Mean log-ratios lie in [-20, 20]; a larger value marks a token that keeps its own ratio.
+  static constexpr double no_group = 1e30;
+
+  policy_loss_kernel(const policy_inputs<T, M>& in, const loss_options& o, mat_view<G> grad, int64_t K)
+      : in_(in), o_(o), grad_(grad), B_(in.logp.rows), T_(in.logp.cols), K_(K), slots_(K + 1) {
+    use_ref_ = !in.ref_logp.empty();
+    by_step_ = !in.step_advantages.empty();
+    have_step_ = !in.step.empty();
+    counts_ = o.ratio != ratio_level::token || o.agg == aggregation::step_mean ||
+              o.agg == aggregation::seq_mean_token_mean;
+    if (counts_) count_.assign(static_cast<size_t>(B_ * slots_), 0);
+    if (o.ratio != ratio_level::token) delta_sum_.assign(static_cast<size_t>(B_ * slots_), 0.0);
+    contiguous_ = in.logp.col_stride == 1 && in.old_logp.col_stride == 1 &&
+                  (!use_ref_ || in.ref_logp.col_stride == 1) && (by_step_ || in.token_advantages.col_stride == 1) &&
+                  (!have_step_ || in.step.col_stride == 1) && in.mask.col_stride == 1;
+    grad_direct_ = std::is_same<T, G>::value && grad.col_stride == 1;
+  }
+
+  loss_result run() {
+    const row_chunks chunks(B_, T_);
+    std::vector<chunk_counts> counts(static_cast<size_t>(chunks.count));
+    parallel_for_chunks(chunks.count, o_.num_threads, [&](int64_t c) {
+      auto s = std::make_unique<scratch>();
+      for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) scan_row(i, *s, counts[static_cast<size_t>(c)]);
+    });
+    loss_result res;
+    for (const chunk_counts& c : counts) {
+      res.n_tokens += c.tokens;
+      res.n_sequences += c.sequences;
+      res.n_steps += c.steps;
+      res.n_nonfinite_masked += c.nonfinite;
+    }
+    drop_nonfinite_ = res.n_nonfinite_masked > 0;
+    const double norm = normalizer(res);
+    inv_norm_ = norm > 0 ? 1.0 / norm : 0.0;
+
+    std::vector<chunk_sums> sums(static_cast<size_t>(chunks.count));
+    parallel_for_chunks(chunks.count, o_.num_threads, [&](int64_t c) {
+      auto s = std::make_unique<scratch>();
+      for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) compute_row(i, *s, sums[static_cast<size_t>(c)]);
+    });
+    chunk_sums total;
+    for (const chunk_sums& c : sums) {
+      total.loss += c.loss;
+      total.ratio += c.ratio;
+      total.ratio_max = std::max(total.ratio_max, c.ratio_max);
+      total.kl_old += c.kl_old;
+      total.kl_old_k3 += c.kl_old_k3;
+      total.kl_ref += c.kl_ref;
+      total.clip_low += c.clip_low;
+      total.clip_high += c.clip_high;
+      total.clip_dual += c.clip_dual;
+    }
+    res.loss = total.loss * inv_norm_;
+    if (res.n_tokens > 0) {
+      const double n = static_cast<double>(res.n_tokens);
+      res.clip_frac_low = total.clip_low / n;
+      res.clip_frac_high = total.clip_high / n;
+      res.clip_frac_dual = total.clip_dual / n;
+      res.ratio_mean = total.ratio / n;
+      res.ratio_max = total.ratio_max;
+      res.approx_kl_old = total.kl_old / n;
+      res.approx_kl_old_k3 = total.kl_old_k3 / n;
+      res.kl_ref = total.kl_ref / n;
+    }
+    return res;
+  }
+
+ private:
+  /// Per-thread scratch: one tile of every per-token array, and the per-row tables.
+  struct scratch {
+    alignas(64) T logp[tile], old[tile], ref[tile], adv[tile], on[tile], delta[tile], grad[tile];
+    alignas(64) int32_t step[tile];
+    double adv_table[max_steps + 1], weight_table[max_steps + 1], group_delta_table[max_steps + 1];
+    // The same tables in T for the SIMD lookups; slot_on is 0 for a step whose advantage
+    // is not finite (its tokens are dropped under nonfinite_policy::mask).
+    alignas(64) T adv_t[max_steps + 1], weight_t[max_steps + 1], group_delta_t[max_steps + 1],
+        slot_on_t[max_steps + 1];
+    bool all_slots_on = true;
+  };
+
+  /// table[step + 1] for the W tokens at j, slot 0 where the token is off. On AVX2 a
+  /// hardware gather; elsewhere W scalar loads.
+  static inline P lookup(const T* table, const int32_t* step, const P& on01, int64_t j) {
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+    if constexpr (std::is_same<T, float>::value) {
+      using I = xsimd::batch<int32_t>;  // as many lanes as float
+      const I slot = (I::load_unaligned(step + j) + I(1)) * xsimd::batch_cast<int32_t>(on01);
+      // The intrinsic itself: xsimd 8.1's batch::gather misses its AVX2 overload.
+      return _mm256_i32gather_ps(table, slot, sizeof(float));
+    }
+#endif
+    alignas(64) T on[W], v[W];
+    simd::store(on, on01);
+    for (int64_t k = 0; k < W; ++k) v[k] = table[on[k] != T(0) ? step[j + k] + 1 : 0];
+    return simd::load(v);
+  }
+
+  /// Contiguous pointers to one tile: straight into the inputs, or into scratch copies.
+  struct tile_data {
+    const T *logp, *old, *ref, *adv, *mask;
+    const int32_t* step;
+    bool copied;
+  };
+
+  /// Tile [t0, t0 + n) of row i, padded to whole packs. Inputs are used in place when they
+  /// are contiguous and the tile holds whole packs; otherwise they are copied with the
+  /// padding masked out. The mask is converted to T when its type differs.
+  tile_data load_tile(int64_t i, int64_t t0, int64_t n, int64_t padded, scratch& s) const {
+    const bool copy = !contiguous_ || padded != n;
+    tile_data d{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, copy};
+    if (!copy) {
+      d.logp = &in_.logp(i, t0);
+      d.old = &in_.old_logp(i, t0);
+      d.ref = use_ref_ ? &in_.ref_logp(i, t0) : nullptr;
+      d.adv = by_step_ ? nullptr : &in_.token_advantages(i, t0);
+      d.step = have_step_ ? &in_.step(i, t0) : nullptr;
+      if constexpr (std::is_same<T, M>::value) {
+        d.mask = &in_.mask(i, t0);
+        return d;
+      }
+    }
+    for (int64_t j = 0; j < padded; ++j) {
+      const bool real = j < n;
+      const int64_t t = t0 + j;
+      if (!std::is_same<T, M>::value || copy) {
+        // A mask value that is neither 0 nor 1 becomes 0.5 here, so the SIMD check finds it.
+        const M m = real ? in_.mask(i, t) : M(0);
+        s.on[j] = m == M(0) ? T(0) : (m == M(1) ? T(1) : T(0.5));
+      }
+      if (copy) {
+        const bool on = s.on[j] != T(0);
+        // Off tokens may hold anything (NaN padding): keep their arithmetic harmless.
+        s.logp[j] = on ? in_.logp(i, t) : T(0);
+        s.old[j] = on ? in_.old_logp(i, t) : T(0);
+        if (use_ref_) s.ref[j] = on ? in_.ref_logp(i, t) : T(0);
+        if (!by_step_) s.adv[j] = on ? in_.token_advantages(i, t) : T(0);
+        if (have_step_) s.step[j] = on ? in_.step(i, t) : -1;
+      }
+    }
+    d.mask = s.on;
+    if (copy) {
+      d.logp = s.logp;
+      d.old = s.old;
+      d.ref = use_ref_ ? s.ref : nullptr;
+      d.adv = by_step_ ? nullptr : s.adv;
+      d.step = have_step_ ? s.step : nullptr;
+    }
+    return d;
+  }
+
+  static auto finite(const P& x) { return (x - x) == P(0); }  // false for NaN and +-Inf
+
+  /// Tokens that take part: mask 1 and, when non-finite tokens are dropped, finite inputs.
+  /// Per-token step advantages are checked by the caller through the row's table.
+  auto used_lanes(const tile_data& d, int64_t j, bool drop) const {
+    auto on = simd::load(d.mask + j) != P(0);
+    if (drop) {
+      auto ok = finite(simd::load(d.logp + j)) && finite(simd::load(d.old + j));
+      if (d.ref) ok = ok && finite(simd::load(d.ref + j));
+      if (d.adv) ok = ok && finite(simd::load(d.adv + j));
+      on = on && ok;
+    }
+    return on;
+  }
+
+  // ---- pass 1: validate and count (reads only) ----
+
+  /// Exact per-token validation of one row, in order: finds the first bad value and throws
+  /// the message naming it, or counts non-finite tokens under nonfinite_policy::mask.
+  /// Only rows where the SIMD scan saw something wrong come here.
+  int64_t validate_row_exactly(int64_t i) const {
+    int64_t nonfinite = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const M m = in_.mask(i, t);
+      if (m == M(0)) continue;
+      SAPO_CHECK(m == M(1), "mask", "0 or 1 at (" << i << ", " << t << ")", +m);
+      int32_t s = -1;
+      if (have_step_) {
+        s = in_.step(i, t);
+        SAPO_CHECK(s >= -1 && s < K_, "step", "ids in [-1, " << K_ << ") at (" << i << ", " << t << ")", s);
+      }
+      const double a = by_step_ ? (s >= 0 ? static_cast<double>(in_.step_advantages(i, s)) : 0.0)
+                                : static_cast<double>(in_.token_advantages(i, t));
+      const bool ok = is_finite(in_.logp(i, t)) && is_finite(in_.old_logp(i, t)) &&
+                      (!use_ref_ || is_finite(in_.ref_logp(i, t))) && std::isfinite(a);
+      if (!ok) {
+        SAPO_CHECK(o_.nonfinite == nonfinite_policy::mask, "logp / old_logp / ref_logp / advantages",
+                   "finite values at masked-in token (" << i << ", " << t << ")",
+                   "logp " << in_.logp(i, t) << ", old_logp " << in_.old_logp(i, t) << ", ref_logp "
+                           << (use_ref_ ? std::to_string(in_.ref_logp(i, t)) : std::string("none")) << ", advantage "
+                           << a);
+        ++nonfinite;
+      }
+    }
+    return nonfinite;
+  }
+
+  /// Step advantages of row i into the table (slot k + 1 = step k, slot 0 = no step);
+  /// returns whether every one is finite.
+  bool load_adv_table(int64_t i, scratch& s) const {
+    bool finite_row = true;
+    s.adv_table[0] = 0.0;
+    for (int64_t k = 1; k < slots_; ++k) {
+      s.adv_table[k] = by_step_ ? static_cast<double>(in_.step_advantages(i, k - 1)) : 0.0;
+      finite_row = finite_row && std::isfinite(s.adv_table[k]);
+    }
+    return finite_row;
+  }
+
+  /// Range check of the step ids of on tokens, and the set of steps present (bit k).
+  /// Returns false on an id outside [-1, K).
+  bool scan_steps(const tile_data& d, int64_t n, int64_t padded, uint64_t& seen) const {
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+    if constexpr (std::is_same<T, float>::value) {
+      // 8 lanes of int32 beside 8 of float: off tokens become step -1, a variable shift
+      // sets bit `step` (shifts of 32 or more, and of -1, give 0 in vpsllvd).
+      using I = xsimd::batch<int32_t>;
+      I low(0), high(0), bad(0);
+      for (int64_t j = 0; j < padded; j += W) {
+        const I on = xsimd::batch_cast<int32_t>(simd::load(d.mask + j));
+        const I step = (I::load_unaligned(d.step + j) + I(1)) * on - I(1);
+        bad = bad | xsimd::select((step < I(-1)) || (step >= I(static_cast<int32_t>(K_))), I(1), I(0));
+        low = low | (I(1) << step);
+        high = high | (I(1) << (step - I(32)));
+      }
+      alignas(64) int32_t lo[W], hi[W], b[W];
+      low.store_aligned(lo);
+      high.store_aligned(hi);
+      bad.store_aligned(b);
+      for (int64_t k = 0; k < W; ++k) {
+        if (b[k]) return false;
+        seen |= static_cast<uint64_t>(static_cast<uint32_t>(lo[k])) |
+                (static_cast<uint64_t>(static_cast<uint32_t>(hi[k])) << 32);
+      }
+      return true;
+    }
+#endif
+    (void)padded;
+    for (int64_t j = 0; j < n; ++j) {
+      if (d.mask[j] == T(0)) continue;
+      const int32_t st = d.step[j];
+      if (st < -1 || st >= K_) return false;
+      if (st >= 0) seen |= uint64_t(1) << st;
+    }
+    return true;
+  }
+
+  void scan_row(int64_t i, scratch& s, chunk_counts& c) const {
+    // A non-finite step advantage matters only if a token of its step takes part: the
+    // exact path finds out.
+    if (!load_adv_table(i, s)) return scan_row_dropping(i, s, c, validate_row_exactly(i));
+    bool suspicious = false;
+    int32_t* cnt = counts_ ? &count_[static_cast<size_t>(i * slots_)] : nullptr;
+    double* dsum = delta_sum_.empty() ? nullptr : &delta_sum_[static_cast<size_t>(i * slots_)];
+    uint64_t seen = 0;
+    double row_tokens = 0;
+    for (int64_t t0 = 0; t0 < T_ && !suspicious; t0 += tile) {
+      const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
+      const tile_data d = load_tile(i, t0, n, padded, s);
+      P on_count(0);
+      auto bad = P(0) != P(0);  // all false
+      for (int64_t j = 0; j < padded; j += W) {
+        const P m = simd::load(d.mask + j);
+        const auto on = m != P(0);
+        auto ok = finite(simd::load(d.logp + j)) && finite(simd::load(d.old + j));
+        if (d.ref) ok = ok && finite(simd::load(d.ref + j));
+        if (d.adv) ok = ok && finite(simd::load(d.adv + j));
+        bad = bad || (on && !(ok && m == P(1)));
+        on_count = on_count + simd::select(on, P(1), P(0));
+        if (dsum) simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
+      }
+      if (simd::any(bad)) {
+        suspicious = true;
+        break;
+      }
+      row_tokens += simd::horizontal_sum(on_count);
+      if (d.step && !cnt && !dsum) {
+        // Step ids: range check and the steps present.
+        if (!scan_steps(d, n, padded, seen)) suspicious = true;
+      } else if (d.step) {
+        // Step ids: range check, the steps present, and the per-step counts and delta sums.
+        bool out_of_range = false;
+        for (int64_t j = 0; j < n; ++j) {
+          if (d.mask[j] == T(0)) continue;
+          const int32_t st = d.step[j];
+          out_of_range = out_of_range || st < -1 || st >= K_;
+          if (out_of_range) break;
+          if (st >= 0) seen |= uint64_t(1) << st;
+          if (cnt) {
+            ++cnt[0];
+            if (st >= 0) ++cnt[st + 1];
+          }
+          if (dsum) {
+            dsum[0] += static_cast<double>(s.delta[j]);
+            if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
+          }
+        }
+        if (out_of_range) suspicious = true;
+      } else if (cnt || dsum) {
+        for (int64_t j = 0; j < n; ++j) {
+          if (d.mask[j] == T(0)) continue;
+          if (cnt) ++cnt[0];
+          if (dsum) dsum[0] += static_cast<double>(s.delta[j]);
+        }
+      }
+    }
+    if (suspicious) {
+      // Something is off in this row: redo it token by token, which throws the precise error
+      // or, under nonfinite_policy::mask, counts the dropped tokens and sums without them.
+      if (cnt) std::fill(cnt, cnt + slots_, 0);
+      if (dsum) std::fill(dsum, dsum + slots_, 0.0);
+      return scan_row_dropping(i, s, c, validate_row_exactly(i));
+    }
+    const auto tokens = static_cast<int64_t>(row_tokens);
+    c.tokens += tokens;
+    c.sequences += tokens > 0 ? 1 : 0;
+    for (; seen; seen &= seen - 1) ++c.steps;
+  }
+
+  /// Scan of a row that has non-finite tokens to drop (nonfinite_policy::mask): per token,
+  /// as the compute pass will see them.
+  void scan_row_dropping(int64_t i, scratch& s, chunk_counts& c, int64_t nonfinite) const {
+    int32_t* cnt = counts_ ? &count_[static_cast<size_t>(i * slots_)] : nullptr;
+    double* dsum = delta_sum_.empty() ? nullptr : &delta_sum_[static_cast<size_t>(i * slots_)];
+    uint64_t seen = 0;
+    int64_t tokens = 0;
+    for (int64_t t0 = 0; t0 < T_; t0 += tile) {
+      const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
+      const tile_data d = load_tile(i, t0, n, padded, s);
+      for (int64_t j = 0; j < padded; j += W) {
+        simd::store(s.on + j, simd::select(used_lanes(d, j, true), P(1), P(0)));
+        simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t st = d.step ? d.step[j] : -1;
+        if (s.on[j] == T(0) || (st >= 0 && !std::isfinite(s.adv_table[st + 1]))) continue;
+        ++tokens;
+        if (st >= 0) seen |= uint64_t(1) << st;
+        if (cnt) {
+          ++cnt[0];
+          if (st >= 0) ++cnt[st + 1];
+        }
+        if (dsum) {
+          dsum[0] += static_cast<double>(s.delta[j]);
+          if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
+        }
+      }
+    }
+    c.nonfinite += nonfinite;
+    c.tokens += tokens;
+    c.sequences += tokens > 0 ? 1 : 0;
+    for (; seen; seen &= seen - 1) ++c.steps;
+  }
+
+  double normalizer(const loss_result& r) const {
+    switch (o_.agg) {
+      case aggregation::token_mean:
+        return o_.global_tokens > 0 ? o_.global_tokens : static_cast<double>(r.n_tokens);
+      case aggregation::seq_mean_token_mean:
+      case aggregation::seq_mean_token_sum:
+        return o_.global_sequences > 0 ? o_.global_sequences : static_cast<double>(r.n_sequences);
+      case aggregation::seq_mean_token_sum_norm:
+        return (o_.global_sequences > 0 ? o_.global_sequences : static_cast<double>(B_)) *
+               (o_.max_response_length > 0 ? o_.max_response_length : static_cast<double>(T_));
+      case aggregation::step_mean:
+        return o_.global_steps > 0 ? o_.global_steps : static_cast<double>(r.n_steps);
+    }
+    return 0;
+  }
+
+  // ---- pass 2: compute and write ----
+
+  /// Per-row tables indexed by step + 1 (slot 0: tokens without a step).
+  void row_tables(int64_t i, scratch& s) const {
+    load_adv_table(i, s);
+    const int32_t* cnt = counts_ ? &count_[static_cast<size_t>(i * slots_)] : nullptr;
+    const double* dsum = delta_sum_.empty() ? nullptr : &delta_sum_[static_cast<size_t>(i * slots_)];
+    // Aggregation weight before the global 1/norm (docs/math.md §6).
+    double row_weight = 1.0;
+    if (o_.agg == aggregation::seq_mean_token_mean) row_weight = cnt[0] > 0 ? 1.0 / cnt[0] : 0.0;
+    for (int64_t k = 0; k < slots_; ++k) {
+      s.weight_table[k] = o_.agg != aggregation::step_mean ? row_weight : (k > 0 && cnt[k] > 0 ? 1.0 / cnt[k] : 0.0);
+      // Step / sequence ratio: the mean delta of the group (its exp is taken in the SIMD
+      // loop, with the same exp as the token ratio); no_group marks "use the token ratio".
+      s.group_delta_table[k] = no_group;
+      if (o_.ratio == ratio_level::step && k > 0 && cnt[k] > 0) s.group_delta_table[k] = dsum[k] / cnt[k];
+      if (o_.ratio == ratio_level::sequence && cnt[0] > 0) s.group_delta_table[k] = dsum[0] / cnt[0];
+    }
+    s.all_slots_on = true;
+    for (int64_t k = 0; k < slots_; ++k) {
+      const bool ok = std::isfinite(s.adv_table[k]);
+      s.all_slots_on = s.all_slots_on && ok;
+      s.slot_on_t[k] = ok ? T(1) : T(0);
+      s.adv_t[k] = ok ? static_cast<T>(s.adv_table[k]) : T(0);
+      s.weight_t[k] = static_cast<T>(s.weight_table[k]);
+      s.group_delta_t[k] = static_cast<T>(s.group_delta_table[k]);
+    }
+  }
+
+  void compute_row(int64_t i, scratch& s, chunk_sums& out) const {
+    row_tables(i, s);
+    const clip_params clip{o_.clip_low, o_.clip_high, o_.dual_clip, o_.dual_clip_c};
+    const P inv_norm(static_cast<T>(inv_norm_)), beta(static_cast<T>(o_.kl_coef));
+    const P row_weight(static_cast<T>(s.weight_table[0]));
+    const P row_delta(static_cast<T>(s.group_delta_table[0]));  // sequence ratio: one mean delta per row
+    const bool per_token_weight = o_.agg == aggregation::step_mean;
+    const bool step_ratio = o_.ratio == ratio_level::step;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    P ratio_max(lowest);
+    for (int64_t t0 = 0; t0 < T_; t0 += tile) {
+      const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
+      const tile_data d = load_tile(i, t0, n, padded, s);
+      T* g_out = s.grad;
+      const bool direct_out = grad_direct_ && !d.copied;
+      if constexpr (std::is_same<T, G>::value) {
+        if (direct_out) g_out = &grad_(i, t0);
+      }
+
+      // Sums run in packs of T over a short block, then flush to double: they stay within
+      // float rounding of the per-token values, without a horizontal add per pack.
+      P loss(0), ratio(0), kl_old(0), kl_old_k3(0), kl_ref(0), clip_low(0), clip_high(0), clip_dual(0);
+      auto flush = [&] {
+        out.loss += simd::horizontal_sum(loss);
+        out.ratio += simd::horizontal_sum(ratio);
+        out.kl_old += simd::horizontal_sum(kl_old);
+        out.kl_old_k3 += simd::horizontal_sum(kl_old_k3);
+        out.kl_ref += simd::horizontal_sum(kl_ref);
+        out.clip_low += simd::horizontal_sum(clip_low);
+        out.clip_high += simd::horizontal_sum(clip_high);
+        out.clip_dual += simd::horizontal_sum(clip_dual);
+        loss = ratio = kl_old = kl_old_k3 = kl_ref = clip_low = clip_high = clip_dual = P(0);
+      };
+      // Off tokens (mask 0, padding, dropped) get logp = old = ref = 0 and a = w = 0: then
+      // delta = 0, rho = 1, k = 0, nothing is clipped and every sum but the ratio ones
+      // needs no mask of its own, whatever the off tokens held (NaN padding included).
+      constexpr int64_t block = 8 * W;  // packs summed in T before the flush to double
+      for (int64_t j0 = 0; j0 < padded; j0 += block) {
+        const int64_t j_end = std::min(padded, j0 + block);
+        for (int64_t j = j0; j < j_end; j += W) {
+          auto on = used_lanes(d, j, drop_nonfinite_);
+          P on01 = simd::select(on, P(1), P(0));
+          if (d.step && !s.all_slots_on) {
+            on01 = on01 * lookup(s.slot_on_t, d.step, on01, j);
+            on = on01 != P(0);
+          }
+          const P logp = simd::select(on, simd::load(d.logp + j), P(0));
+          const P a = by_step_ ? lookup(s.adv_t, d.step, on01, j) : simd::select(on, simd::load(d.adv + j), P(0));
+          const token_ratio<P> tr = importance_ratio(logp, simd::select(on, simd::load(d.old + j), P(0)));
+          P rho = tr.rho, dlogrho = tr.slope;
+          if (o_.ratio != ratio_level::token) {
+            // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1.
+            const P group = step_ratio ? lookup(s.group_delta_t, d.step, on01, j) : row_delta;
+            const auto grouped = group < P(static_cast<T>(no_group));
+            rho = simd::select(grouped, simd::exp(simd::select(grouped, group, P(0))), rho);
+            dlogrho = simd::select(grouped, P(1), dlogrho);
+          }
+          const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, clip);
+          P l = sv.loss, dl = sv.slope;
+          if (d.ref) {
+            const kl_value<P> kv = kl_penalty(logp, simd::select(on, simd::load(d.ref + j), P(0)), o_.kl);
+            l = l + beta * kv.k;
+            dl = dl + beta * kv.slope;
+            kl_ref = kl_ref + kv.k;
+          }
+          const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : simd::select(on, row_weight, P(0));
+          simd::store(g_out + j, simd::select(on, w * inv_norm * dl, P(0)));
+          loss = loss + w * l;
+          ratio = ratio + simd::select(on, rho, P(0));
+          ratio_max = simd::max(ratio_max, simd::select(on, rho, P(lowest)));
+          kl_old = kl_old - tr.delta;
+          kl_old_k3 = kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
+          clip_low = clip_low + simd::select(sv.clipped_low, P(1), P(0));
+          clip_high = clip_high + simd::select(sv.clipped_high, P(1), P(0));
+          clip_dual = clip_dual + simd::select(sv.dual, P(1), P(0));
+        }
+        flush();
+      }
+      if (!direct_out)
+        for (int64_t j = 0; j < n; ++j) grad_(i, t0 + j) = static_cast<G>(s.grad[j]);
+    }
+    alignas(64) T lanes[W];
+    simd::store(lanes, ratio_max);
+    for (int64_t j = 0; j < W; ++j) out.ratio_max = std::max(out.ratio_max, static_cast<double>(lanes[j]));
+  }
+
+  const policy_inputs<T, M>& in_;
+  const loss_options& o_;
+  mat_view<G> grad_;
+  int64_t B_, T_, K_, slots_;
+  bool use_ref_ = false, by_step_ = false, have_step_ = false, counts_ = false;
+  bool contiguous_ = false, grad_direct_ = false, drop_nonfinite_ = false;
+  double inv_norm_ = 0;
+  mutable std::vector<int32_t> count_;
+  mutable std::vector<double> delta_sum_;
 };
 
 }  // namespace detail
-
 /// \brief Policy loss, its gradient and diagnostics in one call (SPEC §4-6).
 /// \param in      logp, old_logp, [ref_logp], advantages, [step], mask; see policy_inputs
-/// \param options ratio level, clip, dual clip, KL, aggregation, normalizers
+/// \param options ratio level, clip, dual clip, KL, aggregation, normalizers, threads
 /// \param grad    (B, T) output: d loss / d logp (0 where mask = 0)
+///
+/// Float inputs are computed in float SIMD lanes with sums in double; double inputs in
+/// double. The result does not depend on the thread count or on the memory layout.
 template <class T, class M, class G>
 loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& options, mat_view<G> grad) {
   static_assert(std::is_floating_point<T>::value, "log-probabilities must be float or double");
@@ -143,155 +671,7 @@ loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& optio
   SAPO_CHECK(!need_step || !in.step.empty(), "step",
              "step ids (needed by step_advantages, the step ratio and step_mean)", "none");
   if (!in.step.empty()) detail::check_shape("step", in.step, B, Tn);
-  const bool have_step = !in.step.empty();
-  detail::check_mask("mask", in.mask);
-
-  auto advantage = [&](int64_t i, int64_t t) -> double {
-    if (!by_step) return static_cast<double>(in.token_advantages(i, t));
-    const int32_t s = in.step(i, t);
-    return s >= 0 ? static_cast<double>(in.step_advantages(i, s)) : 0.0;
-  };
-  auto finite_token = [&](int64_t i, int64_t t) {
-    return detail::is_finite(in.logp(i, t)) && detail::is_finite(in.old_logp(i, t)) &&
-           (!use_ref || detail::is_finite(in.ref_logp(i, t))) && std::isfinite(advantage(i, t));
-  };
-
-  // Pass 1 (reads only): validate every used value and count tokens, rows and steps, so
-  // the normalizers are known and nothing is written if an input is rejected.
-  loss_result res;
-  for (int64_t i = 0; i < B; ++i) {
-    uint64_t seen[max_steps / 64] = {};
-    int64_t row_tokens = 0;
-    for (int64_t t = 0; t < Tn; ++t) {
-      if (in.mask(i, t) == M(0)) continue;
-      if (have_step)
-        SAPO_CHECK(in.step(i, t) >= -1 && in.step(i, t) < K, "step",
-                   "ids in [-1, " << K << ") at (" << i << ", " << t << ")", in.step(i, t));
-      if (!finite_token(i, t)) {
-        SAPO_CHECK(options.nonfinite == nonfinite_policy::mask, "logp / old_logp / ref_logp / advantages",
-                   "finite values at masked-in token (" << i << ", " << t << ")",
-                   "logp " << in.logp(i, t) << ", old_logp " << in.old_logp(i, t) << ", ref_logp "
-                           << (use_ref ? std::to_string(in.ref_logp(i, t)) : std::string("none")) << ", advantage "
-                           << advantage(i, t));
-        ++res.n_nonfinite_masked;
-        continue;
-      }
-      ++row_tokens;
-      if (have_step && in.step(i, t) >= 0) seen[0] |= uint64_t(1) << in.step(i, t);
-    }
-    res.n_tokens += row_tokens;
-    res.n_sequences += row_tokens > 0 ? 1 : 0;
-    for (uint64_t bits = seen[0]; bits; bits &= bits - 1) ++res.n_steps;
-  }
-
-  double norm = 0;
-  switch (options.agg) {
-    case aggregation::token_mean:
-      norm = options.global_tokens > 0 ? options.global_tokens : static_cast<double>(res.n_tokens);
-      break;
-    case aggregation::seq_mean_token_mean:
-    case aggregation::seq_mean_token_sum:
-      norm = options.global_sequences > 0 ? options.global_sequences : static_cast<double>(res.n_sequences);
-      break;
-    case aggregation::seq_mean_token_sum_norm:
-      norm = (options.global_sequences > 0 ? options.global_sequences : static_cast<double>(B)) *
-             (options.max_response_length > 0 ? options.max_response_length : static_cast<double>(Tn));
-      break;
-    case aggregation::step_mean:
-      norm = options.global_steps > 0 ? options.global_steps : static_cast<double>(res.n_steps);
-      break;
-  }
-  const double inv_norm = norm > 0 ? 1.0 / norm : 0.0;
-  const detail::clip_params clip{options.clip_low, options.clip_high, options.dual_clip, options.dual_clip_c};
-  const bool drop_nonfinite = res.n_nonfinite_masked > 0;
-
-  // Pass 2: per row, the step (or sequence) sums of delta and the token counts, then one
-  // sweep over the tokens computing l, dl/dlogp and the aggregation weight.
-  detail::row_sums total;
-  total.ratio_max = -INFINITY;
-  for (int64_t i = 0; i < B; ++i) {
-    double delta_sum[max_steps + 1] = {};  // slot K_max: the whole response
-    int64_t count[max_steps + 1] = {};
-    auto used = [&](int64_t t) { return in.mask(i, t) != M(0) && (!drop_nonfinite || finite_token(i, t)); };
-    for (int64_t t = 0; t < Tn; ++t) {
-      if (!used(t)) continue;
-      const double d = detail::clamped_log_ratio(in.logp(i, t), in.old_logp(i, t));
-      const int32_t s = have_step ? in.step(i, t) : -1;
-      if (s >= 0) {
-        delta_sum[s] += d;
-        ++count[s];
-      }
-      delta_sum[max_steps] += d;
-      ++count[max_steps];
-    }
-    detail::row_sums row;
-    row.ratio_max = -INFINITY;
-    for (int64_t t = 0; t < Tn; ++t) {
-      if (!used(t)) {
-        grad(i, t) = G(0);
-        continue;
-      }
-      const double lp = in.logp(i, t), old = in.old_logp(i, t);
-      const double d = detail::clamped_log_ratio(lp, old);
-      const int32_t s = have_step ? in.step(i, t) : -1;
-      // rho and d log(rho)/d logp. Step and sequence ratios use the stop-gradient form
-      // sg(exp(mean delta)) * exp(logp - sg(logp)): value exp(mean delta), slope 1.
-      double rho = std::exp(d), dlogrho = detail::log_ratio_slope(lp, old);
-      const int slot = options.ratio == ratio_level::sequence ? max_steps
-                       : (options.ratio == ratio_level::step && s >= 0) ? s
-                                                                         : -1;
-      if (slot >= 0) {
-        rho = std::exp(delta_sum[slot] / static_cast<double>(count[slot]));
-        dlogrho = 1.0;
-      }
-      const double a = advantage(i, t);
-      const detail::surrogate_value sv = detail::clipped_surrogate(a, rho, dlogrho, clip);
-      double l = sv.loss, dl = sv.slope;
-      if (use_ref) {
-        const detail::kl_value kv = detail::kl_penalty(lp, static_cast<double>(in.ref_logp(i, t)), options.kl);
-        row.kl_ref += kv.k;
-        l += options.kl_coef * kv.k;
-        dl += options.kl_coef * kv.slope;
-      }
-      // Aggregation weight of this token, before the global 1/norm.
-      double w = 1.0;
-      if (options.agg == aggregation::seq_mean_token_mean) w = 1.0 / static_cast<double>(count[max_steps]);
-      if (options.agg == aggregation::step_mean) w = s >= 0 ? 1.0 / static_cast<double>(count[s]) : 0.0;
-      row.loss += w * l;
-      grad(i, t) = static_cast<G>(w * inv_norm * dl);
-
-      row.ratio += rho;
-      row.ratio_max = std::max(row.ratio_max, rho);
-      row.kl_old += -d;
-      row.kl_old_k3 += std::exp(-d) + d - 1.0;
-      row.clip_low += sv.won == detail::branch::clipped_low;
-      row.clip_high += sv.won == detail::branch::clipped_high;
-      row.clip_dual += sv.won == detail::branch::dual;
-    }
-    total.loss += row.loss;
-    total.ratio += row.ratio;
-    total.ratio_max = std::max(total.ratio_max, row.ratio_max);
-    total.kl_old += row.kl_old;
-    total.kl_old_k3 += row.kl_old_k3;
-    total.kl_ref += row.kl_ref;
-    total.clip_low += row.clip_low;
-    total.clip_high += row.clip_high;
-    total.clip_dual += row.clip_dual;
-  }
-
-  res.loss = total.loss * inv_norm;
-  if (res.n_tokens > 0) {
-    const double n = static_cast<double>(res.n_tokens);
-    res.clip_frac_low = static_cast<double>(total.clip_low) / n;
-    res.clip_frac_high = static_cast<double>(total.clip_high) / n;
-    res.clip_frac_dual = static_cast<double>(total.clip_dual) / n;
-    res.ratio_mean = total.ratio / n;
-    res.ratio_max = total.ratio_max;
-    res.approx_kl_old = total.kl_old / n;
-    res.approx_kl_old_k3 = total.kl_old_k3 / n;
-    res.kl_ref = total.kl_ref / n;
-  }
-  return res;
+  return detail::policy_loss_kernel<T, M, G>(in, options, grad, K).run();
 }
 
 }  // namespace sapo
