@@ -74,3 +74,29 @@ TEMPLATE_TEST_CASE("policy_loss is bit-identical for 1, 2, 3 and 8 threads and a
     }
   }
 }
+
+TEST_CASE("segmentation and token broadcast give the same output for any thread count", "[parallel][segment]") {
+  std::mt19937_64 rng(777);
+  Vocab v;
+  const int64_t B = 400, T = 300;  // several row chunks
+  const TokenBatch batch = random_tokens(rng, v, B, T, false, true, 0.3);
+  const Buf<int64_t> tokens = from_ref_int<int64_t>(batch.tokens, T, Layout::strided);
+  const Buf<uint8_t> mask = from_ref_int<uint8_t>(batch.mask, T, Layout::strided);
+  const sapo_ref::Matrix A = random_logp(rng, B, v.K, -1, 1);
+  const Buf<double> adv = from_ref<double>(A, v.K, Layout::contiguous);
+  auto run = [&](int threads) {
+    Buf<int32_t> step(B, T, Layout::contiguous), n(B, 1, Layout::contiguous);
+    Buf<int64_t> codes(B, v.K, Layout::contiguous);
+    Buf<uint8_t> bad(B, 1, Layout::contiguous);
+    auto opt = v.options(false, true);
+    opt.num_threads = threads;
+    const auto stats =
+        sapo::segment_steps(tokens.cview(), mask.cview(), opt, {step.view(), n.vec(), codes.view(), bad.vec()});
+    Buf<double> token_adv(B, T, Layout::contiguous);
+    sapo::broadcast_step_advantages(adv.cview(), step.cview(), mask.cview(), token_adv.view(), threads);
+    return std::make_tuple(step.store, codes.store, bad.store, token_adv.store, stats.n_malformed);
+  };
+  const auto one = run(1);
+  REQUIRE(std::get<4>(one) > 0);
+  for (int threads : {2, 5}) REQUIRE(run(threads) == one);
+}

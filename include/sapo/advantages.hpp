@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.hpp"
+#include "parallel.hpp"
 #include "view.hpp"
 
 namespace sapo {
@@ -284,8 +285,10 @@ void mix_advantages(vec_view<O> outcome_adv, mat_view<S> step_adv, mix_weights w
 /// \param step      (B, T) step ids in -1..K-1
 /// \param mask      (B, T)
 /// \param token_adv (B, T) output
+/// \param num_threads worker threads (0 = every hardware thread); the result does not depend on it
 template <class A, class S, class M, class O>
-void broadcast_step_advantages(mat_view<A> adv, mat_view<S> step, mat_view<M> mask, mat_view<O> token_adv) {
+void broadcast_step_advantages(mat_view<A> adv, mat_view<S> step, mat_view<M> mask, mat_view<O> token_adv,
+                               int num_threads = 0) {
   static_assert(std::is_floating_point<O>::value, "token advantages must be float or double");
   static_assert(std::is_integral<std::remove_const_t<S>>::value, "step ids must be an integer type");
   const int64_t B = step.rows, T = step.cols, K = adv.cols;
@@ -295,27 +298,34 @@ void broadcast_step_advantages(mat_view<A> adv, mat_view<S> step, mat_view<M> ma
   detail::check_shape("mask", mask, B, T);
   detail::check_shape("token_adv", token_adv, B, T);
   detail::check_output("token_adv", token_adv);
-  detail::check_mask("mask", mask);
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t t = 0; t < T; ++t)
-      if (mask(i, t) != M(0))
-        SAPO_CHECK(step(i, t) >= -1 && step(i, t) < K, "step",
-                   "ids in [-1, " << K << ") at (" << i << ", " << t << ")", +step(i, t));
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t t = 0; t < T; ++t) {
-      const bool on = mask(i, t) != M(0) && step(i, t) >= 0;
-      token_adv(i, t) = on ? static_cast<O>(adv(i, static_cast<int64_t>(step(i, t)))) : O(0);
+  // Check every row (reads only), then write: a rejected input leaves token_adv untouched.
+  const detail::row_chunks chunks(B, T);
+  detail::parallel_for_chunks(chunks.count, num_threads, [&](int64_t c) {
+    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
+      detail::check_mask_row("mask", mask, i);
+      for (int64_t t = 0; t < T; ++t)
+        if (mask(i, t) != M(0))
+          SAPO_CHECK(step(i, t) >= -1 && step(i, t) < K, "step",
+                     "ids in [-1, " << K << ") at (" << i << ", " << t << ")", +step(i, t));
     }
+  });
+  detail::parallel_for_chunks(chunks.count, num_threads, [&](int64_t c) {
+    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        const bool on = mask(i, t) != M(0) && step(i, t) >= 0;
+        token_adv(i, t) = on ? static_cast<O>(adv(i, static_cast<int64_t>(step(i, t)))) : O(0);
+      }
+  });
 }
 
 /// \brief Outcome-mode broadcast: token_adv[i,t] = A[i] on every masked token. It is the step
 /// broadcast with K = 1 and every token in step 0.
 template <class A, class M, class O>
-void broadcast_outcome_advantages(vec_view<A> adv, mat_view<M> mask, mat_view<O> token_adv) {
+void broadcast_outcome_advantages(vec_view<A> adv, mat_view<M> mask, mat_view<O> token_adv, int num_threads = 0) {
   static const int32_t step_zero = 0;
   const mat_view<const int32_t> all_step_zero(&step_zero, mask.rows, mask.cols, 0, 0);
   detail::check_shape("adv", adv, mask.rows);
-  broadcast_step_advantages(as_column(adv), all_step_zero, mask, token_adv);
+  broadcast_step_advantages(as_column(adv), all_step_zero, mask, token_adv, num_threads);
 }
 
 }  // namespace sapo

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.hpp"
+#include "parallel.hpp"
 #include "view.hpp"
 
 namespace sapo {
@@ -235,7 +236,6 @@ segment_stats segment_steps(mat_view<Id> tokens, mat_view<M> mask, const segment
   const int64_t B = tokens.rows, T = tokens.cols, K = rules.K;
   detail::check_shape("tokens", tokens, B, T);
   detail::check_shape("mask", mask, B, T);
-  detail::check_mask("mask", mask);
   detail::check_shape("out.step", out.step, B, T);
   detail::check_shape("out.n_steps", out.n_steps, B);
   detail::check_shape("out.codes", out.codes, B, K);
@@ -245,24 +245,34 @@ segment_stats segment_steps(mat_view<Id> tokens, mat_view<M> mask, const segment
   detail::check_output("out.codes", out.codes);
   detail::check_output("out.malformed", out.malformed);
 
+  // Two parallel passes over fixed row chunks: the mask check (reads only, so a bad mask
+  // leaves every output untouched), then the segmentation, one row at a time.
+  const detail::row_chunks chunks(B, T);
+  detail::parallel_for_chunks(chunks.count, options.num_threads, [&](int64_t c) {
+    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) detail::check_mask_row("mask", mask, i);
+  });
   const int32_t tail_id = options.tail == tail_policy::last_step ? static_cast<int32_t>(K - 1) : -1;
+  std::vector<int64_t> malformed_per_chunk(static_cast<size_t>(chunks.count), 0);
+  detail::parallel_for_chunks(chunks.count, options.num_threads, [&](int64_t c) {
+    for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
+      auto step = out.step.row(i);
+      auto code = out.codes.row(i);
+      for (int64_t k = 0; k < K; ++k) code(k) = -1;
+      const auto* ids = tokens.data + i * tokens.row_stride;
+      const auto* m = mask.data + i * mask.row_stride;
+      const detail::row_segmentation r =
+          options.layout == step_layout::interleaved
+              ? detail::segment_interleaved_row(rules, tail_id, T, ids, tokens.col_stride, m, mask.col_stride, step,
+                                                code)
+              : detail::segment_think_then_sid_row(rules, tail_id, options.sid_token_in_step, T, ids,
+                                                   tokens.col_stride, m, mask.col_stride, step, code);
+      out.n_steps(i) = static_cast<int32_t>(r.n_steps);
+      out.malformed(i) = r.malformed ? 1 : 0;
+      malformed_per_chunk[static_cast<size_t>(c)] += r.malformed ? 1 : 0;
+    }
+  });
   segment_stats stats;
-  for (int64_t i = 0; i < B; ++i) {
-    auto step = out.step.row(i);
-    auto code = out.codes.row(i);
-    for (int64_t k = 0; k < K; ++k) code(k) = -1;
-    const auto* ids = &tokens(i, 0);
-    const auto* m = &mask(i, 0);
-    const detail::row_segmentation r =
-        options.layout == step_layout::interleaved
-            ? detail::segment_interleaved_row(rules, tail_id, T, ids, tokens.col_stride, m, mask.col_stride, step,
-                                              code)
-            : detail::segment_think_then_sid_row(rules, tail_id, options.sid_token_in_step, T, ids,
-                                                 tokens.col_stride, m, mask.col_stride, step, code);
-    out.n_steps(i) = static_cast<int32_t>(r.n_steps);
-    out.malformed(i) = r.malformed ? 1 : 0;
-    stats.n_malformed += r.malformed ? 1 : 0;
-  }
+  for (int64_t n : malformed_per_chunk) stats.n_malformed += n;
   return stats;
 }
 
