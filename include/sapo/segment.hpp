@@ -9,6 +9,7 @@
 /// \endcode
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -73,9 +74,11 @@ struct sid_rules {
   int64_t lo[max_steps] = {}, hi[max_steps] = {};
   int64_t catalogue[max_steps] = {};  // 0: no limit
   int64_t think_end = -1;
+  int64_t lo_min = 0, hi_max = 0;     // hull of all ranges: most tokens are rejected by one test
 
   SAPO_HOST_DEVICE sid_lookup lookup(int64_t id, int64_t level) const {
     sid_lookup r;
+    if (id < lo_min || id >= hi_max) return r;
     if (n_ranges == 1) {
       if (id >= lo[0] && id < hi[0]) {
         r.is_sid = true;
@@ -120,6 +123,8 @@ inline sid_rules make_sid_rules(const segment_options& opt) {
     SAPO_CHECK(r.lo < r.hi, "options.sid_ranges", "lo < hi in range " << j, "[" << r.lo << ", " << r.hi << ")");
     rules.lo[j] = r.lo;
     rules.hi[j] = r.hi;
+    rules.lo_min = j == 0 ? r.lo : std::min(rules.lo_min, r.lo);
+    rules.hi_max = j == 0 ? r.hi : std::max(rules.hi_max, r.hi);
   }
   const auto nc = static_cast<int64_t>(opt.codes_per_level.size());
   SAPO_CHECK(nc == 0 || nc == K, "options.codes_per_level", "empty or K = " << K << " entries", nc << " entries");
@@ -156,7 +161,12 @@ SAPO_HOST_DEVICE row_segmentation segment_interleaved_row(const sid_rules& rules
       step(t) = -1;
       continue;
     }
-    const sid_lookup l = rules.lookup(static_cast<int64_t>(ids[t * id_stride]), k);
+    const auto id = static_cast<int64_t>(ids[t * id_stride]);
+    if (id < rules.lo_min || id >= rules.hi_max) {  // the common case: a thinking token
+      step(t) = k < rules.K ? static_cast<int32_t>(k) : tail_id;
+      continue;
+    }
+    const sid_lookup l = rules.lookup(id, k);
     if (k < rules.K) {
       step(t) = static_cast<int32_t>(k);
       if (l.is_sid) {
