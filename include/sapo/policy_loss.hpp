@@ -137,6 +137,7 @@ class policy_loss_kernel {
   using P = simd::pack<T>;
   static constexpr int64_t W = static_cast<int64_t>(simd::lanes<T>);
   static_assert(tile % W == 0, "the tile must hold whole packs");
+  static_assert(8 * W < 256, "a block's clip counts must fit the 8-bit fields of the packed counter");
   // Mean log-ratios lie in [-20, 20]; a larger value marks a token that keeps its own ratio.
   static constexpr double no_group = 1e30;
 
@@ -218,13 +219,15 @@ class policy_loss_kernel {
     bool all_slots_on = true;
   };
 
-  /// table[step + 1] for the W tokens at j, slot 0 where the token is off. On AVX2 a
-  /// hardware gather; elsewhere W scalar loads.
-  static inline P lookup(const T* table, const int32_t* step, const P& on01, int64_t j) {
+  /// table[step + 1] for the W tokens at j, slot 0 where the token is off. On AVX2, with
+  /// at most 8 slots (K <= 7) the table sits in one register and a lane permute (vpermps,
+  /// one instruction) looks it up; with more, a hardware gather; elsewhere W scalar loads.
+  inline P lookup(const T* table, const int32_t* step, const P& on01, int64_t j) const {
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
     if constexpr (std::is_same<T, float>::value) {
       using I = xsimd::batch<int32_t>;  // as many lanes as float
       const I slot = (I::load_unaligned(step + j) + I(1)) * xsimd::batch_cast<int32_t>(on01);
+      if (slots_ <= 8) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), slot);
       // The intrinsic itself: xsimd 8.1's batch::gather misses its AVX2 overload.
       return _mm256_i32gather_ps(table, slot, sizeof(float));
     }
@@ -558,17 +561,20 @@ class policy_loss_kernel {
 
       // Sums run in packs of T over a short block, then flush to double: they stay within
       // float rounding of the per-token values, without a horizontal add per pack.
-      P loss(0), ratio(0), kl_old(0), kl_old_k3(0), kl_ref(0), clip_low(0), clip_high(0), clip_dual(0);
+      // The three clip counts share one accumulator, low + 2^8 high + 2^16 dual: a block has
+      // at most 8 W <= 128 tokens, so the sum stays below 2^24, exact in float.
+      P loss(0), ratio(0), kl_old(0), kl_old_k3(0), kl_ref(0), clips(0);
       auto flush = [&] {
         out.loss += simd::horizontal_sum(loss);
         out.ratio += simd::horizontal_sum(ratio);
         out.kl_old += simd::horizontal_sum(kl_old);
         out.kl_old_k3 += simd::horizontal_sum(kl_old_k3);
         out.kl_ref += simd::horizontal_sum(kl_ref);
-        out.clip_low += simd::horizontal_sum(clip_low);
-        out.clip_high += simd::horizontal_sum(clip_high);
-        out.clip_dual += simd::horizontal_sum(clip_dual);
-        loss = ratio = kl_old = kl_old_k3 = kl_ref = clip_low = clip_high = clip_dual = P(0);
+        const auto packed = static_cast<int64_t>(simd::horizontal_sum(clips));
+        out.clip_low += static_cast<double>(packed & 255);
+        out.clip_high += static_cast<double>((packed >> 8) & 255);
+        out.clip_dual += static_cast<double>(packed >> 16);
+        loss = ratio = kl_old = kl_old_k3 = kl_ref = clips = P(0);
       };
       // Off tokens (mask 0, padding, dropped) get logp = old = ref = 0 and a = w = 0: then
       // delta = 0, rho = 1, k = 0, nothing is clipped and every sum but the ratio ones
@@ -609,9 +615,8 @@ class policy_loss_kernel {
           ratio_max = simd::max(ratio_max, simd::select(on, rho, P(lowest)));
           kl_old = kl_old - tr.delta;
           kl_old_k3 = kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
-          clip_low = clip_low + simd::select(sv.clipped_low, P(1), P(0));
-          clip_high = clip_high + simd::select(sv.clipped_high, P(1), P(0));
-          clip_dual = clip_dual + simd::select(sv.dual, P(1), P(0));
+          clips = clips + simd::select(sv.clipped_low, P(1), P(0)) + simd::select(sv.clipped_high, P(256), P(0)) +
+                  simd::select(sv.dual, P(65536), P(0));
         }
         flush();
       }

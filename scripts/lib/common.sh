@@ -18,3 +18,7 @@ sapo_install_debs() {
 
 # What building the library, its tests and the examples needs.
 SAPO_BUILD_DEBS=(g++ cmake ninja-build catch2 libeigen3-dev xtensor-dev xtl-dev libxsimd-dev)
+# The LibTorch adapter and the benchmarks against libtorch. Debian's libtorch multiplies
+# matrices through the system BLAS: without OpenBLAS it falls back to the reference BLAS,
+# about 30x slower.
+SAPO_TORCH_DEBS=(libtorch-dev libopenblas0-pthread libbenchmark-dev)
