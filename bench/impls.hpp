@@ -232,7 +232,7 @@ struct SapoAdvantages {
     if (bcast)
       sapo::broadcast_step_advantages(sapo::mat_view<const float>(out.adv.data(), B, K),
                                       sapo::mat_view<const int32_t>(out.step.data(), B, T), mask,
-                                      sapo::mat_view<float>(out.token_adv.data(), B, T));
+                                      sapo::mat_view<float>(out.token_adv.data(), B, T), threads);
     return st.n_malformed;
   }
 };

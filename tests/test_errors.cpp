@@ -325,3 +325,17 @@ TEST_CASE("error: mixed-mode shapes and weights", "[errors]") {
                    "weights.outcome", "nan");
   require_untouched(out, 99.0);
 }
+
+TEST_CASE("error: negative thread counts", "[errors]") {
+  LossCase c;
+  c.opt.num_threads = -2;
+  require_rejected([&] { c.run(c.inputs()); }, "options.num_threads", "-2");
+  c.require_untouched_grad();
+  Buf<double> A(4, 3, Layout::contiguous, 0.5), out(4, 9, Layout::contiguous, 99);
+  Buf<int32_t> step(4, 9, Layout::contiguous, 0);
+  Buf<uint8_t> mask(4, 9, Layout::contiguous, 1);
+  require_rejected(
+      [&] { sapo::broadcast_step_advantages(A.cview(), step.cview(), mask.cview(), out.view(), -1); }, "num_threads",
+      "-1");
+  require_untouched(out, 99.0);
+}

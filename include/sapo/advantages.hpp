@@ -298,6 +298,7 @@ void broadcast_step_advantages(mat_view<A> adv, mat_view<S> step, mat_view<M> ma
   detail::check_shape("mask", mask, B, T);
   detail::check_shape("token_adv", token_adv, B, T);
   detail::check_output("token_adv", token_adv);
+  SAPO_CHECK(num_threads >= 0, "num_threads", ">= 0 (0 = every hardware thread)", num_threads);
   // Check every row (reads only), then write: a rejected input leaves token_adv untouched.
   const detail::row_chunks chunks(B, T);
   detail::parallel_for_chunks(chunks.count, num_threads, [&](int64_t c) {

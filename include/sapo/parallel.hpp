@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -61,7 +62,11 @@ void parallel_for_chunks(int64_t n_chunks, int threads, F&& body, int64_t min_ch
   };
   std::vector<std::thread> pool;
   pool.reserve(static_cast<size_t>(n - 1));
-  for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+  try {
+    for (int i = 1; i < n; ++i) pool.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // No more threads to be had: the ones started (and this one) share the chunks anyway.
+  }
   worker();
   for (auto& t : pool) t.join();
   for (auto& e : errors)

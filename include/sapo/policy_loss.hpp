@@ -91,6 +91,7 @@ inline void check_loss_options(const loss_options& o) {
   check_enum("options.kl", o.kl, kl_estimator::k3);
   check_enum("options.agg", o.agg, aggregation::step_mean);
   check_enum("options.nonfinite", o.nonfinite, nonfinite_policy::mask);
+  SAPO_CHECK(o.num_threads >= 0, "options.num_threads", ">= 0 (0 = every hardware thread)", o.num_threads);
   SAPO_CHECK(o.clip_low > 0 && o.clip_low < 1, "options.clip_low", "a value in (0, 1)", o.clip_low);
   SAPO_CHECK(o.clip_high > 0 && std::isfinite(o.clip_high), "options.clip_high", "a value in (0, inf)", o.clip_high);
   if (o.dual_clip)

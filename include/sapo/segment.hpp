@@ -111,6 +111,7 @@ inline sid_rules make_sid_rules(const segment_options& opt) {
   check_num_steps("options.num_steps", opt.num_steps);
   check_enum("options.layout", opt.layout, step_layout::think_then_sid);
   check_enum("options.tail", opt.tail, tail_policy::last_step);
+  SAPO_CHECK(opt.num_threads >= 0, "options.num_threads", ">= 0 (0 = every hardware thread)", opt.num_threads);
   const int64_t K = opt.num_steps;
   const auto n = static_cast<int64_t>(opt.sid_ranges.size());
   SAPO_CHECK(n == 1 || n == K, "options.sid_ranges", "1 shared range or K = " << K << " per-level ranges",

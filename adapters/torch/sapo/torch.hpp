@@ -27,7 +27,7 @@
 ///    the leading input (logp, rewards, adv) is float64, float32 otherwise. An input already
 ///    in the compute type is viewed in place with its strides (no copy, any strides); any
 ///    other floating input is converted (one copy). bfloat16 / float16 results and gradients
-///    come back in the input dtype; every reduction accumulates in double in the kernels.
+///    come back in the input dtype; sums run in double in the kernels (the float loss adds blocks of <= 128 tokens in float first).
 ///  * masks: bool, uint8 (viewed as bytes, no copy), int32, int64, float32, float64; others
 ///    are converted. Values must be exactly 0 or 1.
 ///  * step ids: int32 (no copy); other integer types are converted to int32.
