@@ -641,6 +641,40 @@ class policy_loss_kernel {
 };
 
 }  // namespace detail
+namespace detail {
+
+/// The checks of policy_loss that need no data (shapes, options, which inputs are given),
+/// shared by the CPU and CUDA entry points. Returns K (64 without step advantages).
+template <class T, class M>
+int64_t check_policy_inputs(const policy_inputs<T, M>& in, const loss_options& options) {
+  const int64_t B = in.logp.rows, Tn = in.logp.cols;
+  check_loss_options(options);
+  check_shape("logp", in.logp, B, Tn);
+  check_shape("old_logp", in.old_logp, B, Tn);
+  check_shape("mask", in.mask, B, Tn);
+  const bool use_ref = !in.ref_logp.empty();
+  if (use_ref) check_shape("ref_logp", in.ref_logp, B, Tn);
+  SAPO_CHECK(use_ref || options.kl_coef == 0, "ref_logp", "an array when options.kl_coef > 0", "none");
+  const bool by_step = !in.step_advantages.empty();
+  SAPO_CHECK(by_step != !in.token_advantages.empty(), "token_advantages / step_advantages", "exactly one of them",
+             (by_step ? "both" : "neither"));
+  int64_t K = max_steps;
+  if (by_step) {
+    K = in.step_advantages.cols;
+    check_num_steps("step_advantages.cols (K)", K);
+    check_shape("step_advantages", in.step_advantages, B, K);
+  } else {
+    check_shape("token_advantages", in.token_advantages, B, Tn);
+  }
+  const bool need_step = by_step || options.ratio == ratio_level::step || options.agg == aggregation::step_mean;
+  SAPO_CHECK(!need_step || !in.step.empty(), "step",
+             "step ids (needed by step_advantages, the step ratio and step_mean)", "none");
+  if (!in.step.empty()) check_shape("step", in.step, B, Tn);
+  return K;
+}
+
+}  // namespace detail
+
 /// \brief Policy loss, its gradient and diagnostics in one call (SPEC §4-6).
 /// \param in      logp, old_logp, [ref_logp], advantages, [step], mask; see policy_inputs
 /// \param options ratio level, clip, dual clip, KL, aggregation, normalizers, threads
@@ -652,31 +686,9 @@ template <class T, class M, class G>
 loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& options, mat_view<G> grad) {
   static_assert(std::is_floating_point<T>::value, "log-probabilities must be float or double");
   static_assert(std::is_floating_point<G>::value, "the gradient must be float or double");
-  const int64_t B = in.logp.rows, Tn = in.logp.cols;
-  detail::check_loss_options(options);
-  detail::check_shape("logp", in.logp, B, Tn);
-  detail::check_shape("old_logp", in.old_logp, B, Tn);
-  detail::check_shape("mask", in.mask, B, Tn);
-  detail::check_shape("grad", grad, B, Tn);
+  const int64_t K = detail::check_policy_inputs(in, options);
+  detail::check_shape("grad", grad, in.logp.rows, in.logp.cols);
   detail::check_output("grad", grad);
-  const bool use_ref = !in.ref_logp.empty();
-  if (use_ref) detail::check_shape("ref_logp", in.ref_logp, B, Tn);
-  SAPO_CHECK(use_ref || options.kl_coef == 0, "ref_logp", "an array when options.kl_coef > 0", "none");
-  const bool by_step = !in.step_advantages.empty();
-  SAPO_CHECK(by_step != !in.token_advantages.empty(), "token_advantages / step_advantages", "exactly one of them",
-             (by_step ? "both" : "neither"));
-  int64_t K = max_steps;
-  if (by_step) {
-    K = in.step_advantages.cols;
-    detail::check_num_steps("step_advantages.cols (K)", K);
-    detail::check_shape("step_advantages", in.step_advantages, B, K);
-  } else {
-    detail::check_shape("token_advantages", in.token_advantages, B, Tn);
-  }
-  const bool need_step = by_step || options.ratio == ratio_level::step || options.agg == aggregation::step_mean;
-  SAPO_CHECK(!need_step || !in.step.empty(), "step",
-             "step ids (needed by step_advantages, the step ratio and step_mean)", "none");
-  if (!in.step.empty()) detail::check_shape("step", in.step, B, Tn);
   return detail::policy_loss_kernel<T, M, G>(in, options, grad, K).run();
 }
 

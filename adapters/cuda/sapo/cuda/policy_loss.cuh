@@ -335,32 +335,11 @@ loss_params<T, M, G> plan_policy_loss(const policy_inputs<T, M>& in, const loss_
   static_assert(std::is_floating_point<T>::value, "log-probabilities must be float or double");
   static_assert(std::is_floating_point<G>::value, "the gradient must be float or double");
   const int64_t B = in.logp.rows, Tn = in.logp.cols;
-  core::check_loss_options(options);
-  core::check_shape("logp", in.logp, B, Tn);
-  core::check_shape("old_logp", in.old_logp, B, Tn);
-  core::check_shape("mask", in.mask, B, Tn);
+  const int64_t K = core::check_policy_inputs(in, options);  // the CPU entry point's checks
   if (check_grad) {
     core::check_shape("grad", grad, B, Tn);
     core::check_output("grad", grad);
   }
-  const bool use_ref = !in.ref_logp.empty();
-  if (use_ref) core::check_shape("ref_logp", in.ref_logp, B, Tn);
-  SAPO_CHECK(use_ref || options.kl_coef == 0, "ref_logp", "an array when options.kl_coef > 0", "none");
-  const bool by_step = !in.step_advantages.empty();
-  SAPO_CHECK(by_step != !in.token_advantages.empty(), "token_advantages / step_advantages", "exactly one of them",
-             (by_step ? "both" : "neither"));
-  int64_t K = max_steps;
-  if (by_step) {
-    K = in.step_advantages.cols;
-    core::check_num_steps("step_advantages.cols (K)", K);
-    core::check_shape("step_advantages", in.step_advantages, B, K);
-  } else {
-    core::check_shape("token_advantages", in.token_advantages, B, Tn);
-  }
-  const bool need_step = by_step || options.ratio == ratio_level::step || options.agg == aggregation::step_mean;
-  SAPO_CHECK(!need_step || !in.step.empty(), "step",
-             "step ids (needed by step_advantages, the step ratio and step_mean)", "none");
-  if (!in.step.empty()) core::check_shape("step", in.step, B, Tn);
 
   loss_params<T, M, G> p;
   p.in = in;
@@ -370,8 +349,8 @@ loss_params<T, M, G> plan_policy_loss(const policy_inputs<T, M>& in, const loss_
   p.cols = Tn;
   p.K = K;
   p.slots = static_cast<int>(K + 1);
-  p.use_ref = use_ref;
-  p.by_step = by_step;
+  p.use_ref = !in.ref_logp.empty();
+  p.by_step = !in.step_advantages.empty();
   p.have_step = !in.step.empty();
   p.need_dsum = options.ratio != ratio_level::token;
   p.need_counts = p.need_dsum || options.agg == aggregation::step_mean ||
