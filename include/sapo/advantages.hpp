@@ -158,6 +158,20 @@ group_moments moments(const mat_view<R>& r, const int64_t* members, int64_t coun
   return m;
 }
 
+/// The checks of group_advantages that need no data, shared by the CPU and CUDA entry points.
+template <class R, class A>
+void check_group_advantage_inputs(const mat_view<R>& rewards, const advantage_options& options,
+                                  const mat_view<A>& adv) {
+  static_assert(std::is_floating_point<std::remove_const_t<R>>::value, "rewards must be float or double");
+  static_assert(std::is_floating_point<A>::value, "advantages must be float or double");
+  const int64_t B = rewards.rows, K = rewards.cols;
+  check_num_steps("rewards.cols (K)", K);
+  check_shape("rewards", rewards, B, K);
+  check_shape("adv", adv, B, K);
+  check_output("adv", adv);
+  check_advantage_options(options);
+}
+
 }  // namespace detail
 
 /// \brief Group-relative advantages for every (response, step) (SPEC §3).
@@ -168,14 +182,8 @@ group_moments moments(const mat_view<R>& r, const int64_t* members, int64_t coun
 template <class R, class A>
 advantage_stats group_advantages(mat_view<R> rewards, const group_layout& groups, const advantage_options& options,
                                  mat_view<A> adv) {
-  static_assert(std::is_floating_point<std::remove_const_t<R>>::value, "rewards must be float or double");
-  static_assert(std::is_floating_point<A>::value, "advantages must be float or double");
+  detail::check_group_advantage_inputs(rewards, options, adv);
   const int64_t B = rewards.rows, K = rewards.cols;
-  detail::check_num_steps("rewards.cols (K)", K);
-  detail::check_shape("rewards", rewards, B, K);
-  detail::check_shape("adv", adv, B, K);
-  detail::check_output("adv", adv);
-  detail::check_advantage_options(options);
   for (int64_t i = 0; i < B; ++i)
     for (int64_t k = 0; k < K; ++k)
       SAPO_CHECK(!std::isinf(static_cast<double>(rewards(i, k))), "rewards",

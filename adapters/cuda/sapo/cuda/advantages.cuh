@@ -314,14 +314,8 @@ size_t layout_advantages(carve& c, adv_params<R, A>& p) {
 template <class R, class A>
 adv_params<R, A> plan_advantages(mat_view<R> rewards, const group_layout& groups, const advantage_options& options,
                                  mat_view<A> adv) {
-  static_assert(std::is_floating_point<std::remove_const_t<R>>::value, "rewards must be float or double");
-  static_assert(std::is_floating_point<A>::value, "advantages must be float or double");
+  core::check_group_advantage_inputs(rewards, options, adv);  // the CPU entry point's checks
   const int64_t B = rewards.rows, K = rewards.cols;
-  core::check_num_steps("rewards.cols (K)", K);
-  core::check_shape("rewards", rewards, B, K);
-  core::check_shape("adv", adv, B, K);
-  core::check_output("adv", adv);
-  core::check_advantage_options(options);
   adv_params<R, A> p;
   p.rewards = rewards;
   p.adv = adv;
