@@ -89,15 +89,16 @@ TORCH_LIBRARY(sapo, m) {
 }
 
 TORCH_LIBRARY_IMPL(sapo, CPU, m) {
-  namespace cpu = sapo::libtorch::cpu;
-  m.impl("segment_steps", TORCH_FN(cpu::segment_steps));
-  m.impl("step_rewards", TORCH_FN(cpu::step_rewards));
-  m.impl("group_advantages", TORCH_FN(cpu::group_advantages));
-  m.impl("outcome_advantages", TORCH_FN(cpu::outcome_advantages));
-  m.impl("mix_advantages", TORCH_FN(cpu::mix_advantages));
-  m.impl("broadcast_step_advantages", TORCH_FN(cpu::broadcast_step_advantages));
-  m.impl("broadcast_outcome_advantages", TORCH_FN(cpu::broadcast_outcome_advantages));
-  m.impl("policy_loss_fwd", TORCH_FN(cpu::policy_loss_fwd));
+  namespace impl = sapo::libtorch::impl;
+  using cpu = sapo::libtorch::cpu_backend;
+  m.impl("segment_steps", TORCH_FN(impl::segment_steps<cpu>));
+  m.impl("step_rewards", TORCH_FN(impl::step_rewards<cpu>));
+  m.impl("group_advantages", TORCH_FN(impl::group_advantages<cpu>));
+  m.impl("outcome_advantages", TORCH_FN(impl::outcome_advantages<cpu>));
+  m.impl("mix_advantages", TORCH_FN(impl::mix_advantages<cpu>));
+  m.impl("broadcast_step_advantages", TORCH_FN(impl::broadcast_step_advantages<cpu>));
+  m.impl("broadcast_outcome_advantages", TORCH_FN(impl::broadcast_outcome_advantages<cpu>));
+  m.impl("policy_loss_fwd", TORCH_FN(impl::policy_loss_fwd<cpu>));
 }
 
 // Every op but policy_loss is not differentiable: pass the autograd keys through, so that

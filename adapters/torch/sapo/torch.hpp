@@ -118,6 +118,9 @@ inline constexpr std::array<const char*, 6> advantage_stat_names = {
 // ---------------------------------------------------------------------------------------
 // Option names (the string arguments of the ops). Index = enumerator value.
 // ---------------------------------------------------------------------------------------
+/// The CPU kernels (below); the CUDA backend lives in adapters/torch/cuda_ops.cu.
+struct cpu_backend;
+
 namespace detail {
 inline constexpr const char* ratio_names[] = {"token", "step", "sequence"};
 inline constexpr const char* kl_names[] = {"k1", "k2", "k3"};
@@ -173,30 +176,37 @@ inline std::string shape_str(at::IntArrayRef s) {
   return os.str();
 }
 
-inline void check_tensor(const at::Tensor& t, const char* name) {
+/// Defined, dense, and on the backend's device (Backend: cpu_backend, or the CUDA backend of
+/// adapters/torch/cuda_ops.cu).
+template <class Backend = cpu_backend>
+void check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got an undefined tensor");
   TORCH_CHECK(t.layout() == at::kStrided, name, " must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got device ", t.device());
+  Backend::check_device(t, name);
 }
 
 /// t is 2-D with exactly (rows, cols); `dims` names them, e.g. "(B, T)".
-inline void check_shape(const at::Tensor& t, const char* name, const char* dims, int64_t rows, int64_t cols) {
-  check_tensor(t, name);
+template <class Backend = cpu_backend>
+void check_shape(const at::Tensor& t, const char* name, const char* dims, int64_t rows, int64_t cols) {
+  check_tensor<Backend>(t, name);
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, name, " must have shape ", dims, " = (", rows,
               ", ", cols, "), got ", shape_str(t.sizes()));
 }
-inline void check_shape(const at::Tensor& t, const char* name, const char* dims, int64_t n) {
-  check_tensor(t, name);
+template <class Backend = cpu_backend>
+void check_shape(const at::Tensor& t, const char* name, const char* dims, int64_t n) {
+  check_tensor<Backend>(t, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must have shape ", dims, " = (", n, "), got ",
               shape_str(t.sizes()));
 }
 /// t is 2-D (the leading tensor of a call, which defines B and T or K).
-inline void check_matrix(const at::Tensor& t, const char* name, const char* dims) {
-  check_tensor(t, name);
+template <class Backend = cpu_backend>
+void check_matrix(const at::Tensor& t, const char* name, const char* dims) {
+  check_tensor<Backend>(t, name);
   TORCH_CHECK(t.dim() == 2, name, " must be a 2-D tensor ", dims, ", got shape ", shape_str(t.sizes()));
 }
-inline void check_vector(const at::Tensor& t, const char* name, const char* dims) {
-  check_tensor(t, name);
+template <class Backend = cpu_backend>
+void check_vector(const at::Tensor& t, const char* name, const char* dims) {
+  check_tensor<Backend>(t, name);
   TORCH_CHECK(t.dim() == 1, name, " must be a 1-D tensor ", dims, ", got shape ", shape_str(t.sizes()));
 }
 
@@ -321,16 +331,47 @@ SAPO_TORCH_API c10::OperatorHandle find_op(const char* name);
 // called directly, but the functions at the end of this file (through the dispatcher) are
 // the C++ API.
 // ---------------------------------------------------------------------------------------
-namespace cpu {
+/// The CPU kernels of the ops: the sapo:: functions on host memory. The functions of
+/// namespace impl take the backend as a template argument, so the CUDA backend
+/// (adapters/torch/cuda_ops.cu) shares every check, conversion and output allocation.
+struct cpu_backend {
+  static void check_device(const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got device ", t.device());
+  }
+  struct no_guard {};
+  static no_guard guard(const at::Tensor&) { return {}; }
+  template <class... A>
+  static auto segment_steps(A&&... a) { return sapo::segment_steps(std::forward<A>(a)...); }
+  template <class... A>
+  static auto step_rewards(A&&... a) { return sapo::step_rewards(std::forward<A>(a)...); }
+  template <class... A>
+  static auto group_advantages(A&&... a) { return sapo::group_advantages(std::forward<A>(a)...); }
+  template <class... A>
+  static auto outcome_advantages(A&&... a) { return sapo::outcome_advantages(std::forward<A>(a)...); }
+  template <class... A>
+  static auto mix_advantages(A&&... a) { return sapo::mix_advantages(std::forward<A>(a)...); }
+  template <class... A>
+  static auto broadcast_step_advantages(A&&... a) { return sapo::broadcast_step_advantages(std::forward<A>(a)...); }
+  template <class... A>
+  static auto broadcast_outcome_advantages(A&&... a) {
+    return sapo::broadcast_outcome_advantages(std::forward<A>(a)...);
+  }
+  template <class... A>
+  static auto policy_loss(A&&... a) { return sapo::policy_loss(std::forward<A>(a)...); }
+};
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_steps(
+namespace impl {
+
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_steps(
     const at::Tensor& tokens, const at::Tensor& mask, int64_t num_steps, at::IntArrayRef sid_ranges,
     c10::string_view layout, at::IntArrayRef codes_per_level, int64_t think_end_id, bool sid_token_in_step,
     c10::string_view tail, int64_t num_threads) {
-  detail::check_matrix(tokens, "tokens", "(B, T)");
+  const auto device_guard = Backend::guard(tokens);
+  detail::check_matrix<Backend>(tokens, "tokens", "(B, T)");
   detail::check_int(tokens, "tokens");
   const int64_t B = tokens.size(0), T = tokens.size(1);
-  detail::check_shape(mask, "mask", "(B, T)", B, T);
+  detail::check_shape<Backend>(mask, "mask", "(B, T)", B, T);
   detail::check_mask_dtype(mask, "mask");
   TORCH_CHECK(num_steps >= 1 && num_steps <= max_steps, "num_steps must be a number of steps K in [1, ", max_steps,
               "], got ", num_steps);
@@ -347,10 +388,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_steps(
   o.tail = detail::parse_enum<tail_policy>(tail, "tail", detail::tail_names);
   o.num_threads = detail::threads(num_threads);
 
-  at::Tensor step = at::empty({B, T}, detail::cpu(at::kInt));
-  at::Tensor n_steps = at::empty({B}, detail::cpu(at::kInt));
-  at::Tensor codes = at::empty({B, num_steps}, detail::cpu(at::kLong));
-  at::Tensor malformed = at::empty({B}, detail::cpu(at::kBool));
+  at::Tensor step = at::empty({B, T}, tokens.options().dtype(at::kInt));
+  at::Tensor n_steps = at::empty({B}, tokens.options().dtype(at::kInt));
+  at::Tensor codes = at::empty({B, num_steps}, tokens.options().dtype(at::kLong));
+  at::Tensor malformed = at::empty({B}, tokens.options().dtype(at::kBool));
   const segment_outputs out{detail::mat<int32_t>(step), detail::vec<int32_t>(n_steps), detail::mat<int64_t>(codes),
                             detail::vec<uint8_t>(malformed)};
   const at::Tensor ids = tokens.scalar_type() == at::kInt ? tokens : detail::as_dtype(tokens, at::kLong);
@@ -358,24 +399,26 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> segment_steps(
   detail::visit_mask(m, [&](auto mv) {
     detail::call_kernel([&] {
       if (ids.scalar_type() == at::kInt)
-        sapo::segment_steps(detail::mat<const int32_t>(ids), mv, o, out);
+        Backend::segment_steps(detail::mat<const int32_t>(ids), mv, o, out);
       else
-        sapo::segment_steps(detail::mat<const int64_t>(ids), mv, o, out);
+        Backend::segment_steps(detail::mat<const int64_t>(ids), mv, o, out);
     });
   });
   return {step, n_steps, codes, malformed};
 }
 
-inline at::Tensor step_rewards(const at::Tensor& codes, const at::Tensor& malformed, const at::Tensor& targets,
+template <class Backend = cpu_backend>
+at::Tensor step_rewards(const at::Tensor& codes, const at::Tensor& malformed, const at::Tensor& targets,
                                c10::string_view kind, c10::ArrayRef<double> level_weights, double malformed_reward,
                                c10::optional<at::ScalarType> dtype) {
-  detail::check_matrix(codes, "codes", "(B, K)");
+  const auto device_guard = Backend::guard(codes);
+  detail::check_matrix<Backend>(codes, "codes", "(B, K)");
   detail::check_int(codes, "codes");
   const int64_t B = codes.size(0), K = codes.size(1);
-  detail::check_shape(malformed, "malformed", "(B)", B);
+  detail::check_shape<Backend>(malformed, "malformed", "(B)", B);
   TORCH_CHECK(malformed.scalar_type() == at::kBool || detail::is_int_dtype(malformed.scalar_type()),
               "malformed must be a bool or integer tensor, got ", detail::dtype_name(malformed.scalar_type()));
-  detail::check_shape(targets, "targets", "(B, K)", B, K);
+  detail::check_shape<Backend>(targets, "targets", "(B, K)", B, K);
   detail::check_int(targets, "targets");
   const at::ScalarType out_t = dtype.value_or(at::kFloat);
   TORCH_CHECK(detail::is_float_dtype(out_t), "dtype must be float32, float64, bfloat16 or float16, got ",
@@ -386,17 +429,17 @@ inline at::Tensor step_rewards(const at::Tensor& codes, const at::Tensor& malfor
   o.malformed_reward = malformed_reward;
 
   const at::ScalarType ct = detail::compute_type(out_t);
-  at::Tensor rewards = at::empty({B, K}, detail::cpu(ct));
+  at::Tensor rewards = at::empty({B, K}, codes.options().dtype(ct));
   const at::Tensor c = detail::as_dtype(codes, at::kLong), y = detail::as_dtype(targets, at::kLong);
   const bool bytes = malformed.scalar_type() == at::kBool || malformed.scalar_type() == at::kByte;
   const at::Tensor f = bytes ? malformed : malformed.to(at::kLong);
   detail::call_kernel([&] {
     auto run = [&](auto flags) {
       if (ct == at::kDouble)
-        sapo::step_rewards(detail::mat<const int64_t>(c), flags, detail::mat<const int64_t>(y), o,
+        Backend::step_rewards(detail::mat<const int64_t>(c), flags, detail::mat<const int64_t>(y), o,
                            detail::mat<double>(rewards));
       else
-        sapo::step_rewards(detail::mat<const int64_t>(c), flags, detail::mat<const int64_t>(y), o,
+        Backend::step_rewards(detail::mat<const int64_t>(c), flags, detail::mat<const int64_t>(y), o,
                            detail::mat<float>(rewards));
     };
     if (bytes)
@@ -418,123 +461,134 @@ inline advantage_options options(c10::string_view norm, bool unbiased_std, doubl
 }
 
 /// The group layout and the int64 ids tensor it points into (kept alive by the caller).
-inline group_layout layout(int64_t B, int64_t group_size, const c10::optional<at::Tensor>& group_ids,
+template <class Backend>
+group_layout layout(int64_t B, int64_t group_size, const c10::optional<at::Tensor>& group_ids,
                            int64_t n_groups, at::Tensor& ids_keepalive) {
   if (!group_ids.has_value() || !group_ids->defined()) return group_layout::contiguous(group_size);
   TORCH_CHECK(group_size == 0, "give either group_size or group_ids, not both (group_size = ", group_size, ")");
-  detail::check_shape(*group_ids, "group_ids", "(B)", B);
+  detail::check_shape<Backend>(*group_ids, "group_ids", "(B)", B);
   detail::check_int(*group_ids, "group_ids");
   ids_keepalive = detail::as_dtype(*group_ids, at::kLong);
   return group_layout::explicit_ids(detail::vec<const int64_t>(ids_keepalive), n_groups);
 }
 }  // namespace detail_adv
 
-inline std::tuple<at::Tensor, at::Tensor> group_advantages(const at::Tensor& rewards, int64_t group_size,
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor> group_advantages(const at::Tensor& rewards, int64_t group_size,
                                                            const c10::optional<at::Tensor>& group_ids,
                                                            int64_t n_groups, c10::string_view norm,
                                                            bool unbiased_std, double eps,
                                                            c10::string_view singleton) {
-  detail::check_matrix(rewards, "rewards", "(B, K)");
+  const auto device_guard = Backend::guard(rewards);
+  detail::check_matrix<Backend>(rewards, "rewards", "(B, K)");
   detail::check_float(rewards, "rewards");
   const int64_t B = rewards.size(0), K = rewards.size(1);
   TORCH_CHECK(K >= 1 && K <= max_steps, "rewards must have K in [1, ", max_steps, "] columns, got shape ",
               detail::shape_str(rewards.sizes()));
   const advantage_options o = detail_adv::options(norm, unbiased_std, eps, singleton);
   at::Tensor ids;
-  const group_layout g = detail_adv::layout(B, group_size, group_ids, n_groups, ids);
+  const group_layout g = detail_adv::layout<Backend>(B, group_size, group_ids, n_groups, ids);
   const at::ScalarType ct = detail::compute_type(rewards.scalar_type());
   const at::Tensor r = detail::as_dtype(rewards, ct);
-  at::Tensor adv = at::empty({B, K}, detail::cpu(ct));
+  at::Tensor adv = at::empty({B, K}, rewards.options().dtype(ct));
   const advantage_stats s = detail::call_kernel([&] {
     return ct == at::kDouble
-               ? sapo::group_advantages(detail::mat<const double>(r), g, o, detail::mat<double>(adv))
-               : sapo::group_advantages(detail::mat<const float>(r), g, o, detail::mat<float>(adv));
+               ? Backend::group_advantages(detail::mat<const double>(r), g, o, detail::mat<double>(adv))
+               : Backend::group_advantages(detail::mat<const float>(r), g, o, detail::mat<float>(adv));
   });
-  return {detail::as_dtype(adv, rewards.scalar_type()), detail::advantage_stats_tensor(s, K)};
+  return {detail::as_dtype(adv, rewards.scalar_type()), detail::advantage_stats_tensor(s, K).to(rewards.device())};
 }
 
-inline std::tuple<at::Tensor, at::Tensor> outcome_advantages(const at::Tensor& rewards, int64_t group_size,
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor> outcome_advantages(const at::Tensor& rewards, int64_t group_size,
                                                              const c10::optional<at::Tensor>& group_ids,
                                                              int64_t n_groups, c10::string_view norm,
                                                              bool unbiased_std, double eps,
                                                              c10::string_view singleton) {
-  detail::check_vector(rewards, "rewards", "(B)");
+  const auto device_guard = Backend::guard(rewards);
+  detail::check_vector<Backend>(rewards, "rewards", "(B)");
   detail::check_float(rewards, "rewards");
   const int64_t B = rewards.size(0);
   const advantage_options o = detail_adv::options(norm, unbiased_std, eps, singleton);
   at::Tensor ids;
-  const group_layout g = detail_adv::layout(B, group_size, group_ids, n_groups, ids);
+  const group_layout g = detail_adv::layout<Backend>(B, group_size, group_ids, n_groups, ids);
   const at::ScalarType ct = detail::compute_type(rewards.scalar_type());
   const at::Tensor r = detail::as_dtype(rewards, ct);
-  at::Tensor adv = at::empty({B}, detail::cpu(ct));
+  at::Tensor adv = at::empty({B}, rewards.options().dtype(ct));
   const advantage_stats s = detail::call_kernel([&] {
     return ct == at::kDouble
-               ? sapo::outcome_advantages(detail::vec<const double>(r), g, o, detail::vec<double>(adv))
-               : sapo::outcome_advantages(detail::vec<const float>(r), g, o, detail::vec<float>(adv));
+               ? Backend::outcome_advantages(detail::vec<const double>(r), g, o, detail::vec<double>(adv))
+               : Backend::outcome_advantages(detail::vec<const float>(r), g, o, detail::vec<float>(adv));
   });
-  return {detail::as_dtype(adv, rewards.scalar_type()), detail::advantage_stats_tensor(s, 1)};
+  return {detail::as_dtype(adv, rewards.scalar_type()), detail::advantage_stats_tensor(s, 1).to(rewards.device())};
 }
 
-inline at::Tensor mix_advantages(const at::Tensor& outcome_adv, const at::Tensor& step_adv, double outcome_weight,
+template <class Backend = cpu_backend>
+at::Tensor mix_advantages(const at::Tensor& outcome_adv, const at::Tensor& step_adv, double outcome_weight,
                                  double step_weight) {
-  detail::check_matrix(step_adv, "step_adv", "(B, K)");
+  const auto device_guard = Backend::guard(step_adv);
+  detail::check_matrix<Backend>(step_adv, "step_adv", "(B, K)");
   detail::check_float(step_adv, "step_adv");
   const int64_t B = step_adv.size(0), K = step_adv.size(1);
-  detail::check_shape(outcome_adv, "outcome_adv", "(B)", B);
+  detail::check_shape<Backend>(outcome_adv, "outcome_adv", "(B)", B);
   detail::check_float(outcome_adv, "outcome_adv");
   const at::ScalarType ct = detail::compute_type(step_adv.scalar_type());
   const at::Tensor s = detail::as_dtype(step_adv, ct), a = detail::as_dtype(outcome_adv, ct);
-  at::Tensor out = at::empty({B, K}, detail::cpu(ct));
+  at::Tensor out = at::empty({B, K}, step_adv.options().dtype(ct));
   const mix_weights w{outcome_weight, step_weight};
   detail::call_kernel([&] {
     if (ct == at::kDouble)
-      sapo::mix_advantages(detail::vec<const double>(a), detail::mat<const double>(s), w, detail::mat<double>(out));
+      Backend::mix_advantages(detail::vec<const double>(a), detail::mat<const double>(s), w, detail::mat<double>(out));
     else
-      sapo::mix_advantages(detail::vec<const float>(a), detail::mat<const float>(s), w, detail::mat<float>(out));
+      Backend::mix_advantages(detail::vec<const float>(a), detail::mat<const float>(s), w, detail::mat<float>(out));
   });
   return detail::as_dtype(out, step_adv.scalar_type());
 }
 
-inline at::Tensor broadcast_step_advantages(const at::Tensor& adv, const at::Tensor& step, const at::Tensor& mask) {
-  detail::check_matrix(step, "step", "(B, T)");
+template <class Backend = cpu_backend>
+at::Tensor broadcast_step_advantages(const at::Tensor& adv, const at::Tensor& step, const at::Tensor& mask) {
+  const auto device_guard = Backend::guard(step);
+  detail::check_matrix<Backend>(step, "step", "(B, T)");
   detail::check_int(step, "step");
   const int64_t B = step.size(0), T = step.size(1);
-  detail::check_matrix(adv, "adv", "(B, K)");
+  detail::check_matrix<Backend>(adv, "adv", "(B, K)");
   TORCH_CHECK(adv.size(0) == B, "adv must have shape (B, K) with B = ", B, ", got ", detail::shape_str(adv.sizes()));
   detail::check_float(adv, "adv");
-  detail::check_shape(mask, "mask", "(B, T)", B, T);
+  detail::check_shape<Backend>(mask, "mask", "(B, T)", B, T);
   detail::check_mask_dtype(mask, "mask");
   const at::ScalarType ct = detail::compute_type(adv.scalar_type());
   const at::Tensor a = detail::as_dtype(adv, ct), s = detail::step_for_kernel(step), m = detail::mask_for_kernel(mask);
-  at::Tensor out = at::empty({B, T}, detail::cpu(ct));
+  at::Tensor out = at::empty({B, T}, step.options().dtype(ct));
   detail::visit_mask(m, [&](auto mv) {
     detail::call_kernel([&] {
       if (ct == at::kDouble)
-        sapo::broadcast_step_advantages(detail::mat<const double>(a), detail::mat<const int32_t>(s), mv,
+        Backend::broadcast_step_advantages(detail::mat<const double>(a), detail::mat<const int32_t>(s), mv,
                                         detail::mat<double>(out));
       else
-        sapo::broadcast_step_advantages(detail::mat<const float>(a), detail::mat<const int32_t>(s), mv,
+        Backend::broadcast_step_advantages(detail::mat<const float>(a), detail::mat<const int32_t>(s), mv,
                                         detail::mat<float>(out));
     });
   });
   return detail::as_dtype(out, adv.scalar_type());
 }
 
-inline at::Tensor broadcast_outcome_advantages(const at::Tensor& adv, const at::Tensor& mask) {
-  detail::check_matrix(mask, "mask", "(B, T)");
+template <class Backend = cpu_backend>
+at::Tensor broadcast_outcome_advantages(const at::Tensor& adv, const at::Tensor& mask) {
+  const auto device_guard = Backend::guard(mask);
+  detail::check_matrix<Backend>(mask, "mask", "(B, T)");
   detail::check_mask_dtype(mask, "mask");
   const int64_t B = mask.size(0), T = mask.size(1);
-  detail::check_shape(adv, "adv", "(B)", B);
+  detail::check_shape<Backend>(adv, "adv", "(B)", B);
   detail::check_float(adv, "adv");
   const at::ScalarType ct = detail::compute_type(adv.scalar_type());
   const at::Tensor a = detail::as_dtype(adv, ct), m = detail::mask_for_kernel(mask);
-  at::Tensor out = at::empty({B, T}, detail::cpu(ct));
+  at::Tensor out = at::empty({B, T}, mask.options().dtype(ct));
   detail::visit_mask(m, [&](auto mv) {
     detail::call_kernel([&] {
       if (ct == at::kDouble)
-        sapo::broadcast_outcome_advantages(detail::vec<const double>(a), mv, detail::mat<double>(out));
+        Backend::broadcast_outcome_advantages(detail::vec<const double>(a), mv, detail::mat<double>(out));
       else
-        sapo::broadcast_outcome_advantages(detail::vec<const float>(a), mv, detail::mat<float>(out));
+        Backend::broadcast_outcome_advantages(detail::vec<const float>(a), mv, detail::mat<float>(out));
     });
   });
   return detail::as_dtype(out, adv.scalar_type());
@@ -542,7 +596,7 @@ inline at::Tensor broadcast_outcome_advantages(const at::Tensor& adv, const at::
 
 namespace detail_loss {
 /// The fused kernel on views of the prepared tensors (all in compute type T; mask in T or bytes).
-template <class T>
+template <class Backend, class T>
 loss_result run(const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& mask, const at::Tensor& tok,
                 const at::Tensor& stp_adv, const at::Tensor& stp, const at::Tensor& ref, const loss_options& o,
                 at::Tensor& grad) {
@@ -558,12 +612,12 @@ loss_result run(const at::Tensor& logp, const at::Tensor& old_logp, const at::Te
     policy_inputs<T, uint8_t> in;
     fill(in);
     in.mask = detail::mat<const uint8_t>(mask);
-    return detail::call_kernel([&] { return sapo::policy_loss(in, o, detail::mat<T>(grad)); });
+    return detail::call_kernel([&] { return Backend::policy_loss(in, o, detail::mat<T>(grad)); });
   }
   policy_inputs<T> in;
   fill(in);
   in.mask = detail::mat<const T>(mask);
-  return detail::call_kernel([&] { return sapo::policy_loss(in, o, detail::mat<T>(grad)); });
+  return detail::call_kernel([&] { return Backend::policy_loss(in, o, detail::mat<T>(grad)); });
 }
 }  // namespace detail_loss
 
@@ -594,37 +648,39 @@ inline loss_options make_loss_options(c10::string_view ratio, double clip_low, d
 
 using kernels::opt_tensor;
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(SAPO_TORCH_LOSS_ARGS) {
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(SAPO_TORCH_LOSS_ARGS) {
   loss_options o = make_loss_options(ratio, clip_low, clip_high, dual_clip, dual_clip_c, kl_coef, kl, agg,
                                      max_response_length, global_tokens, global_sequences, global_steps, nonfinite,
                                      num_threads);
   o.num_threads = detail::threads(num_threads);
-  detail::check_matrix(logp, "logp", "(B, T)");
+  const auto device_guard = Backend::guard(logp);
+  detail::check_matrix<Backend>(logp, "logp", "(B, T)");
   detail::check_float(logp, "logp");
   const int64_t B = logp.size(0), T = logp.size(1);
-  detail::check_shape(old_logp, "old_logp", "(B, T)", B, T);
+  detail::check_shape<Backend>(old_logp, "old_logp", "(B, T)", B, T);
   detail::check_float(old_logp, "old_logp");
-  detail::check_shape(mask, "mask", "(B, T)", B, T);
+  detail::check_shape<Backend>(mask, "mask", "(B, T)", B, T);
   detail::check_mask_dtype(mask, "mask");
   auto given = [](const opt_tensor& t) { return t.has_value() && t->defined(); };
   const bool by_token = given(token_advantages), by_step = given(step_advantages);
   TORCH_CHECK(by_token != by_step, "give exactly one of token_advantages (B, T) and step_advantages (B, K), got ",
               by_token ? "both" : "neither");
   if (by_token) {
-    detail::check_shape(*token_advantages, "token_advantages", "(B, T)", B, T);
+    detail::check_shape<Backend>(*token_advantages, "token_advantages", "(B, T)", B, T);
     detail::check_float(*token_advantages, "token_advantages");
   } else {
-    detail::check_matrix(*step_advantages, "step_advantages", "(B, K)");
+    detail::check_matrix<Backend>(*step_advantages, "step_advantages", "(B, K)");
     TORCH_CHECK(step_advantages->size(0) == B, "step_advantages must have shape (B, K) with B = ", B, ", got ",
                 detail::shape_str(step_advantages->sizes()));
     detail::check_float(*step_advantages, "step_advantages");
   }
   if (given(step)) {
-    detail::check_shape(*step, "step", "(B, T)", B, T);
+    detail::check_shape<Backend>(*step, "step", "(B, T)", B, T);
     detail::check_int(*step, "step");
   }
   if (given(ref_logp)) {
-    detail::check_shape(*ref_logp, "ref_logp", "(B, T)", B, T);
+    detail::check_shape<Backend>(*ref_logp, "ref_logp", "(B, T)", B, T);
     detail::check_float(*ref_logp, "ref_logp");
   }
 
@@ -637,9 +693,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(SAPO_TORCH
   const at::ScalarType mt = mask.scalar_type();
   const at::Tensor m = (mt == at::kBool || mt == at::kByte) ? mask : detail::as_dtype(mask, ct);
 
-  at::Tensor grad = at::empty({B, T}, detail::cpu(ct));
-  const loss_result r = ct == at::kDouble ? detail_loss::run<double>(lp, old, m, tok, sa, st, ref, o, grad)
-                                          : detail_loss::run<float>(lp, old, m, tok, sa, st, ref, o, grad);
+  at::Tensor grad = at::empty({B, T}, logp.options().dtype(ct));
+  const loss_result r = ct == at::kDouble ? detail_loss::run<Backend, double>(lp, old, m, tok, sa, st, ref, o, grad)
+                                          : detail_loss::run<Backend, float>(lp, old, m, tok, sa, st, ref, o, grad);
   at::Tensor diag = at::empty({static_cast<int64_t>(loss_diagnostic_names.size())}, detail::cpu(at::kDouble));
   double* d = diag.data_ptr<double>();
   const double values[] = {r.loss,          r.clip_frac_low,
@@ -650,10 +706,25 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_fwd(SAPO_TORCH
                            static_cast<double>(r.n_sequences), static_cast<double>(r.n_steps),
                            static_cast<double>(r.n_nonfinite_masked)};
   std::copy(std::begin(values), std::end(values), d);
-  at::Tensor loss = at::scalar_tensor(r.loss, detail::cpu(out_t));
+  diag = diag.to(logp.device());  // no-op on the CPU
+  at::Tensor loss = at::scalar_tensor(r.loss, logp.options().dtype(out_t));
   return {loss, detail::as_dtype(grad, out_t), diag};
 }
 
+}  // namespace impl
+
+/// The CPU kernels by their old names (the template argument defaults to cpu_backend).
+namespace cpu {
+using kernels::opt_tensor;
+using impl::broadcast_outcome_advantages;
+using impl::broadcast_step_advantages;
+using impl::group_advantages;
+using impl::make_loss_options;
+using impl::mix_advantages;
+using impl::outcome_advantages;
+using impl::policy_loss_fwd;
+using impl::segment_steps;
+using impl::step_rewards;
 }  // namespace cpu
 
 /// loss_result from the (13) float64 diagnostics tensor (any device: copied to the CPU).
