@@ -66,6 +66,68 @@ TEMPLATE_TEST_CASE("segment_steps matches the reference on random batches", "[se
   require_matches_reference(batch, opt, run_segment<TestType>(batch, opt, layout), v);
 }
 
+TEMPLATE_TEST_CASE("segment_steps on long rows: the block-wise walk of contiguous rows", "[segment]", int32_t,
+                   int64_t) {
+  // Contiguous rows go 64 tokens at a time, with a fast path for blocks without a SID
+  // candidate: long thinking blocks (0 to 150 tokens) so that steps span blocks, SID tokens
+  // on block edges, stray SID tokens (extra or wrong level), masked-out SID ids in the
+  // prompt and the padding, rows around and across the block size.
+  const int64_t T = GENERATE(63, 64, 65, 129, 1000);
+  const bool per_level = GENERATE(false, true);
+  const Layout layout = GENERATE(Layout::contiguous, Layout::strided);
+  CAPTURE(T, per_level, name(layout));
+  std::mt19937_64 rng(99 + static_cast<uint64_t>(T) + (per_level ? 7 : 0));
+  Vocab v;
+  v.K = 4;
+  std::uniform_int_distribution<int64_t> thought(0, 49), code(0, 9), think_len(0, 150), level(0, 3);
+  std::uniform_real_distribution<double> u(0, 1);
+  auto sid = [&](int64_t k) { return per_level ? v.lo(k) + code(rng) : Vocab::sid_base + code(rng); };
+  TokenBatch b;
+  for (int i = 0; i < 12; ++i) {
+    std::vector<int64_t> ids(static_cast<size_t>(T)), m(static_cast<size_t>(T), 0);
+    for (auto& id : ids) id = u(rng) < 0.05 ? sid(level(rng)) : thought(rng);  // masked-out ids, SIDs too
+    int64_t t = std::uniform_int_distribution<int64_t>(0, 70)(rng);           // prompt
+    const int64_t steps = std::uniform_int_distribution<int64_t>(v.K - 1, v.K + 1)(rng);
+    for (int64_t k = 0; k < steps && t < T; ++k) {
+      for (int64_t j = i % 3 == 0 ? 64 - t % 64 - 1 : think_len(rng); j > 0 && t < T; --j, ++t) {
+        ids[size_t(t)] = thought(rng);
+        m[size_t(t)] = 1;
+      }
+      if (t < T) {
+        ids[size_t(t)] = sid(u(rng) < 0.1 ? level(rng) : std::min<int64_t>(k, v.K - 1));
+        m[size_t(t++)] = 1;
+      }
+    }
+    for (int64_t j = think_len(rng) / 10; j > 0 && t < T; --j, ++t) m[size_t(t)] = 1;  // a tail
+    b.tokens.push_back(ids);
+    b.mask.push_back(m);
+  }
+  const sapo::segment_options opt = v.options(false, per_level);
+  require_matches_reference(b, opt, run_segment<TestType>(b, opt, layout), v);
+}
+
+TEST_CASE("segment_steps with SID ranges beyond the int32 ids", "[segment]") {
+  // The block test compares int32 ids against bounds clamped to int32: a range that starts
+  // just below INT32_MAX and ends far above it, and one entirely above it.
+  const int64_t top = std::numeric_limits<int32_t>::max();
+  sapo::segment_options opt;
+  opt.num_steps = 1;
+  opt.sid_ranges = {{top - 4, top + 1000}};
+  TokenBatch b{{{1, top - 1, 5, top}}, {{1, 1, 1, 1}}};
+  SegmentRun r = run_segment<int32_t>(b, opt, Layout::contiguous);
+  const int32_t want[] = {0, 0, -1, -1};
+  for (int64_t t = 0; t < 4; ++t) REQUIRE(r.step.at(0, t) == want[t]);
+  REQUIRE(r.codes.at(0, 0) == 3);
+  REQUIRE(r.malformed.at(0, 0) == 1);  // top is a SID token too: an extra boundary
+
+  opt.sid_ranges = {{top + 1, top + 1000}};
+  TokenBatch c{{{1, top - 1, top}}, {{1, 1, 1}}};
+  r = run_segment<int32_t>(c, opt, Layout::contiguous);
+  for (int64_t t = 0; t < 3; ++t) REQUIRE(r.step.at(0, t) == 0);
+  REQUIRE(r.n_steps.at(0, 0) == 0);
+  REQUIRE(r.malformed.at(0, 0) == 1);  // no SID token: unfinished
+}
+
 TEST_CASE("segment_steps on hand-written responses", "[segment]") {
   // ids: thoughts < 50, think_end 50, eos 51, SID level k in [100 + 10k, 110 + 10k).
   Vocab v;

@@ -56,7 +56,7 @@ template <class M>
 void check_mask_row(const char* name, const mat_view<M>& mask, int64_t i) {
   // A branch-free sweep the compiler vectorizes; the search for the culprit only on failure.
   const M* m = mask.data + i * mask.row_stride;
-  bool bad = false;
+  int bad = 0;  // an int, not a bool: GCC does not vectorize a bool |= reduction
   if (mask.col_stride == 1) {
     for (int64_t t = 0; t < mask.cols; ++t) bad |= (m[t] != M(0)) & (m[t] != M(1));
   } else {
