@@ -108,6 +108,76 @@ at::Tensor mix_advantages_cuda(const at::Tensor& outcome_adv, const at::Tensor& 
       .to(step_adv.device());
 }
 
+// The distributed phases read and write O(n_groups * K) arrays and make one pass over the
+// (B, K) rewards: like mixing, the CPU kernels run on host copies (one place for SPEC §3),
+// after the device checks of a CUDA kernel; the results come back to the call's device, where
+// an NCCL all-reduce wants them.
+namespace phase {
+using opt_tensor = c10::optional<at::Tensor>;
+
+at::Tensor host(const at::Tensor& t) { return t.cpu(); }
+opt_tensor host(const opt_tensor& t) { return t.has_value() && t->defined() ? opt_tensor(t->cpu()) : t; }
+
+/// Every tensor argument on the leading tensor's (current) device, as in the other CUDA ops.
+void check_devices(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
+  for (const auto& t : tensors)
+    if (t.first->defined()) cuda_backend::check_device(*t.first, t.second);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_partials_cuda(const at::Tensor& rewards,
+                                                                               int64_t group_size,
+                                                                               const opt_tensor& group_ids,
+                                                                               int64_t n_groups, int64_t first_row) {
+  const auto device_guard = cuda_backend::guard(rewards);
+  detail::check_matrix<cuda_backend>(rewards, "rewards", "(B, K)");
+  if (group_ids.has_value()) check_devices({{&*group_ids, "group_ids"}});
+  auto out = impl::group_partials<cpu_backend>(host(rewards), group_size, host(group_ids), n_groups, first_row);
+  const at::Device d = rewards.device();
+  return {std::get<0>(out).to(d), std::get<1>(out).to(d), std::get<2>(out).to(d), std::get<3>(out).to(d)};
+}
+
+at::Tensor group_deviations_cuda(const at::Tensor& rewards, int64_t group_size, const opt_tensor& group_ids,
+                                 int64_t n_groups, const at::Tensor& count, const at::Tensor& sum, int64_t first_row) {
+  const auto device_guard = cuda_backend::guard(rewards);
+  detail::check_matrix<cuda_backend>(rewards, "rewards", "(B, K)");
+  if (group_ids.has_value()) check_devices({{&*group_ids, "group_ids"}});
+  check_devices({{&count, "count"}, {&sum, "sum"}});
+  return impl::group_deviations<cpu_backend>(host(rewards), group_size, host(group_ids), n_groups, host(count),
+                                             host(sum), first_row)
+      .to(rewards.device());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_group_advantages_cuda(
+    const at::Tensor& rewards, int64_t group_size, const opt_tensor& group_ids, int64_t n_groups,
+    const at::Tensor& count, const at::Tensor& sum, const at::Tensor& min, const at::Tensor& max,
+    const at::Tensor& sq_dev, int64_t first_row, c10::string_view norm, bool unbiased_std, double eps,
+    c10::string_view singleton) {
+  const auto device_guard = cuda_backend::guard(rewards);
+  detail::check_matrix<cuda_backend>(rewards, "rewards", "(B, K)");
+  if (group_ids.has_value()) check_devices({{&*group_ids, "group_ids"}});
+  check_devices({{&count, "count"}, {&sum, "sum"}, {&min, "min"}, {&max, "max"}, {&sq_dev, "sq_dev"}});
+  auto out = impl::finalize_group_advantages<cpu_backend>(host(rewards), group_size, host(group_ids), n_groups,
+                                                          host(count), host(sum), host(min), host(max), host(sq_dev),
+                                                          first_row, norm, unbiased_std, eps, singleton);
+  const at::Device d = rewards.device();
+  return {std::get<0>(out).to(d), std::get<1>(out).to(d), std::get<2>(out).to(d)};
+}
+
+at::Tensor finish_advantage_std_cuda(const at::Tensor& stats, const at::Tensor& advantage_sums) {
+  const auto device_guard = cuda_backend::guard(stats);
+  detail::check_matrix<cuda_backend>(stats, "stats", "(6, K)");
+  check_devices({{&advantage_sums, "advantage_sums"}});
+  return impl::finish_advantage_std<cpu_backend>(host(stats), host(advantage_sums)).to(stats.device());
+}
+
+at::Tensor loss_counts_cuda(const at::Tensor& mask, const opt_tensor& step) {
+  const auto device_guard = cuda_backend::guard(mask);
+  detail::check_matrix<cuda_backend>(mask, "mask", "(B, T)");
+  if (step.has_value()) check_devices({{&*step, "step"}});
+  return impl::loss_counts<cpu_backend>(host(mask), host(step)).to(mask.device());
+}
+}  // namespace phase
+
 }  // namespace
 
 void register_cuda_kernels(torch::Library& m) {
@@ -119,6 +189,11 @@ void register_cuda_kernels(torch::Library& m) {
   m.impl("broadcast_step_advantages", TORCH_FN(impl::broadcast_step_advantages<cuda_backend>));
   m.impl("broadcast_outcome_advantages", TORCH_FN(impl::broadcast_outcome_advantages<cuda_backend>));
   m.impl("policy_loss_fwd", TORCH_FN(impl::policy_loss_fwd<cuda_backend>));
+  m.impl("group_partials", TORCH_FN(phase::group_partials_cuda));
+  m.impl("group_deviations", TORCH_FN(phase::group_deviations_cuda));
+  m.impl("finalize_group_advantages", TORCH_FN(phase::finalize_group_advantages_cuda));
+  m.impl("finish_advantage_std", TORCH_FN(phase::finish_advantage_std_cuda));
+  m.impl("loss_counts", TORCH_FN(phase::loss_counts_cuda));
 }
 
 }  // namespace libtorch

@@ -66,6 +66,8 @@ void cuda_unavailable(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   "(Tensor rewards, int group_size=0, Tensor? group_ids=None, int n_groups=0, *, str norm='std', "        \
   "bool unbiased_std=True, float eps=1e-06, str singleton='zero') -> (Tensor adv, Tensor stats)"
 
+#define SAPO_PHASE_LAYOUT_ARGS "(Tensor rewards, int group_size=0, Tensor? group_ids=None, int n_groups=0"
+
 TORCH_LIBRARY(sapo, m) {
   m.def(
       "segment_steps(Tensor tokens, Tensor mask, int num_steps, int[] sid_ranges, *, str layout='interleaved', "
@@ -79,6 +81,18 @@ TORCH_LIBRARY(sapo, m) {
   m.def("mix_advantages(Tensor outcome_adv, Tensor step_adv, float outcome_weight=1.0, float step_weight=1.0) -> Tensor");
   m.def("broadcast_step_advantages(Tensor adv, Tensor step, Tensor mask) -> Tensor");
   m.def("broadcast_outcome_advantages(Tensor adv, Tensor mask) -> Tensor");
+  // The distributed phases of group_advantages (docs/distributed.md): the group layout as in
+  // group_advantages, with global ids (n_groups over every rank, required) and first_row for
+  // contiguous groups; the reduced arrays of earlier rounds are keyword-only.
+  m.def("group_partials" SAPO_PHASE_LAYOUT_ARGS ", *, int first_row=0) -> "
+        "(Tensor count, Tensor sum, Tensor min, Tensor max)");
+  m.def("group_deviations" SAPO_PHASE_LAYOUT_ARGS ", *, Tensor count, Tensor sum, int first_row=0) -> Tensor");
+  m.def("finalize_group_advantages" SAPO_PHASE_LAYOUT_ARGS
+        ", *, Tensor count, Tensor sum, Tensor min, Tensor max, Tensor sq_dev, int first_row=0, str norm='std', "
+        "bool unbiased_std=True, float eps=1e-06, str singleton='zero') -> "
+        "(Tensor adv, Tensor stats, Tensor advantage_sums)");
+  m.def("finish_advantage_std(Tensor stats, Tensor advantage_sums) -> Tensor");
+  m.def("loss_counts(Tensor mask, Tensor? step=None) -> Tensor");
   // The fused kernel without autograd: loss, d loss / d logp and the diagnostics.
   m.def("policy_loss_fwd" SAPO_LOSS_SCHEMA_ARGS " -> (Tensor loss, Tensor grad, Tensor diagnostics)");
   // The same with autograd (backward: the saved gradient times the incoming one).
@@ -99,13 +113,23 @@ TORCH_LIBRARY_IMPL(sapo, CPU, m) {
   m.impl("broadcast_step_advantages", TORCH_FN(impl::broadcast_step_advantages<cpu>));
   m.impl("broadcast_outcome_advantages", TORCH_FN(impl::broadcast_outcome_advantages<cpu>));
   m.impl("policy_loss_fwd", TORCH_FN(impl::policy_loss_fwd<cpu>));
+  m.impl("group_partials", TORCH_FN(impl::group_partials<cpu>));
+  m.impl("group_deviations", TORCH_FN(impl::group_deviations<cpu>));
+  m.impl("finalize_group_advantages", TORCH_FN(impl::finalize_group_advantages<cpu>));
+  m.impl("finish_advantage_std", TORCH_FN(impl::finish_advantage_std<cpu>));
+  m.impl("loss_counts", TORCH_FN(impl::loss_counts<cpu>));
 }
+
+// Every op with tensor arguments except the composite policy_loss.
+#define SAPO_PLAIN_OPS                                                                                              \
+  {"segment_steps", "step_rewards", "group_advantages", "outcome_advantages", "mix_advantages",                   \
+   "broadcast_step_advantages", "broadcast_outcome_advantages", "policy_loss_fwd", "group_partials",              \
+   "group_deviations", "finalize_group_advantages", "finish_advantage_std", "loss_counts"}
 
 // Every op but policy_loss is not differentiable: pass the autograd keys through, so that
 // inputs that require grad give plain outputs (no "autograd kernel not registered" node).
 TORCH_LIBRARY_IMPL(sapo, Autograd, m) {
-  for (const char* name : {"segment_steps", "step_rewards", "group_advantages", "outcome_advantages", "mix_advantages",
-                           "broadcast_step_advantages", "broadcast_outcome_advantages", "policy_loss_fwd"})
+  for (const char* name : SAPO_PLAIN_OPS)
     m.impl(name, torch::CppFunction::makeFallthrough());
 }
 
@@ -128,8 +152,7 @@ void register_cuda_kernels(torch::Library& m);
 TORCH_LIBRARY_IMPL(sapo, CUDA, m) { sapo::libtorch::register_cuda_kernels(m); }
 #else
 TORCH_LIBRARY_IMPL(sapo, CUDA, m) {
-  for (const char* name : {"segment_steps", "step_rewards", "group_advantages", "outcome_advantages", "mix_advantages",
-                           "broadcast_step_advantages", "broadcast_outcome_advantages", "policy_loss_fwd"})
+  for (const char* name : SAPO_PLAIN_OPS)
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&sapo::libtorch::detail::cuda_unavailable>());
 }
 #endif

@@ -22,3 +22,9 @@ SAPO_BUILD_DEBS=(g++ cmake ninja-build catch2 libeigen3-dev xtensor-dev xtl-dev 
 # matrices through the system BLAS: without OpenBLAS it falls back to the reference BLAS,
 # about 30x slower.
 SAPO_TORCH_DEBS=(libtorch-dev libopenblas0-pthread libbenchmark-dev)
+# The Python package sapo_torch (for Debian's /usr/bin/python3) and its pytest suite, and
+# the c10d/gloo process groups of the distributed tests.
+SAPO_PYTHON_DEBS=(python3-torch python3-pytest python3-setuptools python3-dev python3-numpy libgloo-dev)
+# The MovieLens recommender (examples/recommender): its command line parser. The data
+# conversion (scripts/fetch_movielens) installs R itself.
+SAPO_REC_DEBS=(libcli11-dev)

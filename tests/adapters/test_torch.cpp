@@ -3,7 +3,7 @@
 // every aggregation, ratio level and KL estimator, in float32 and float64; strided and
 // broadcast inputs; bfloat16 / float16 inputs; upstream gradients != 1 and a loss used
 // twice; the torch.ops dispatcher path; error messages; the stage functions against the
-// core kernels on plain buffers.
+// core kernels on plain buffers; the distributed phase ops over ranks simulated in one process.
 #include <sapo/torch.hpp>
 
 #include <torch/csrc/autograd/autograd.h>
@@ -956,4 +956,227 @@ TEST_CASE("torch policy_loss: empty batches give a zero loss and an empty gradie
   out.loss.backward();
   CHECK(out.loss.item<double>() == 0.0);
   CHECK(max_abs(logp.grad()) == 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The distributed phases as dispatcher ops (sapo::group_partials, group_deviations,
+// finalize_group_advantages, finish_advantage_std, loss_counts): ranks simulated by
+// splitting one batch, their arrays reduced here (sum / min / max, the all-reduces of
+// docs/distributed.md), against st::group_advantages on the whole batch.
+// ---------------------------------------------------------------------------------------
+namespace phases {
+using opt = st::kernels::opt_tensor;
+
+template <class Fn>
+c10::TypedOperatorHandle<Fn> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+/// One rank's rows: rewards and either global ids or (group_size, first_row).
+struct shard {
+  Tensor rewards;
+  opt ids;
+  int64_t group_size = 0, first_row = 0;
+};
+
+/// The protocol over the shards; per shard (adv, stats after finish_advantage_std).
+std::vector<std::pair<Tensor, Tensor>> run(const std::vector<shard>& shards, int64_t n_groups,
+                                           const sapo::advantage_options& o) {
+  const auto partials = op<st::kernels::group_partials_fn>("sapo::group_partials");
+  const auto deviations = op<st::kernels::group_deviations_fn>("sapo::group_deviations");
+  const auto finalize = op<st::kernels::finalize_group_advantages_fn>("sapo::finalize_group_advantages");
+  const auto finish = op<st::kernels::finish_advantage_std_fn>("sapo::finish_advantage_std");
+  std::vector<Tensor> counts, sums, mins, maxs;
+  for (const shard& s : shards) {
+    Tensor c, t, lo, hi;
+    std::tie(c, t, lo, hi) = partials.call(s.rewards, s.group_size, s.ids, n_groups, s.first_row);
+    counts.push_back(c);
+    sums.push_back(t);
+    mins.push_back(lo);
+    maxs.push_back(hi);
+  }
+  const Tensor count = at::stack(counts).sum(0), total = at::stack(sums).sum(0);
+  const Tensor lo = std::get<0>(at::stack(mins).min(0)), hi = std::get<0>(at::stack(maxs).max(0));
+  std::vector<Tensor> sq;
+  for (const shard& s : shards)
+    sq.push_back(deviations.call(s.rewards, s.group_size, s.ids, n_groups, count, total, s.first_row));
+  const Tensor sq_dev = at::stack(sq).sum(0);
+  std::vector<std::tuple<Tensor, Tensor, Tensor>> fin;
+  for (const shard& s : shards)
+    fin.push_back(finalize.call(s.rewards, s.group_size, s.ids, n_groups, count, total, lo, hi, sq_dev, s.first_row,
+                                st::detail::enum_name(o.norm, st::detail::norm_names), o.unbiased_std, o.eps,
+                                st::detail::enum_name(o.singleton, st::detail::singleton_names)));
+  Tensor a_sums = at::zeros({2, count.size(1)}, f64);
+  for (const auto& f : fin) a_sums = a_sums + std::get<2>(f);
+  std::vector<std::pair<Tensor, Tensor>> out;
+  for (const auto& f : fin) out.emplace_back(std::get<0>(f), finish.call(std::get<1>(f), a_sums));
+  return out;
+}
+
+bool close(const Tensor& a, const Tensor& b, double tol) {
+  return a.sizes() == b.sizes() && ((a - b).abs() <= tol * (1 + b.abs())).all().item<bool>();
+}
+
+/// (6, K) statistics: rows 0-1 to 1e-12, the counts (rows 3-5) exactly, advantage_std
+/// (row 2) through the variance, whose rounding error is relative to E[A^2] <= max A^2 (a
+/// std near 0 is the square root of a rounding residue).
+bool same_stats(const Tensor& got, const Tensor& want, const Tensor& adv) {
+  if (got.sizes() != want.sizes()) return false;
+  const double max_a2 = adv.numel() ? adv.pow(2).max().item<double>() : 0.0;
+  return close(got.slice(0, 0, 2), want.slice(0, 0, 2), 1e-12) && at::equal(got.slice(0, 3), want.slice(0, 3)) &&
+         ((got[2].pow(2) - want[2].pow(2)).abs() <= 1e-12 * max_a2 + 1e-300).all().item<bool>();
+}
+}  // namespace phases
+
+TEST_CASE("torch distributed phase ops: split ranks reduced by hand equal group_advantages", "[torch][ops][distributed]") {
+  use_two_threads();
+  const int64_t B = 14, K = 3, n_groups = 5;  // group 4 is empty
+  std::mt19937 rng(77);
+  std::vector<double> r(static_cast<size_t>(B * K));
+  for (auto& v : r)
+    v = (rng() % 6 == 0) ? std::nan("") : (rng() % 2 ? 0.5 * static_cast<double>(rng() % 3) : (rng() % 1000) / 333.0);
+  const Tensor rewards = at::from_blob(r.data(), {B, K}, f64).clone();
+  const std::vector<int64_t> id_list = {0, 1, 0, 3, 2, 2, 1, 1, 0, 2, 3, 0, 1, 2};  // group 3: two members
+  const Tensor ids = at::tensor(id_list);
+  const Tensor rank0 = at::tensor(std::vector<int64_t>{0, 3, 4, 8, 13}), rank1 = at::tensor(std::vector<int64_t>{1, 2, 6, 7}),
+               rank2 = at::tensor(std::vector<int64_t>{5, 9, 10, 11, 12});
+
+  for (sapo::normalization norm : {sapo::normalization::std, sapo::normalization::std_floor, sapo::normalization::none,
+                                   sapo::normalization::loo, sapo::normalization::batch_std})
+    for (bool unbiased : {true, false}) {
+      INFO("norm " << static_cast<int>(norm) << ", unbiased " << unbiased);
+      sapo::advantage_options o;
+      o.norm = norm;
+      o.unbiased_std = unbiased;
+      o.singleton = unbiased ? sapo::singleton_policy::zero : sapo::singleton_policy::raw;
+      o.eps = 1e-3;
+      const st::advantage_result single = st::group_advantages(rewards, ids, n_groups, o);
+
+      // Scattered rows over three ranks, explicit global ids (int32 on one rank).
+      std::vector<phases::shard> shards;
+      for (const Tensor& rows : {rank0, rank1, rank2}) {
+        phases::shard s;
+        s.rewards = rewards.index_select(0, rows);
+        s.ids = ids.index_select(0, rows);
+        shards.push_back(s);
+      }
+      shards[1].ids = shards[1].ids->to(at::kInt);
+      const auto got = phases::run(shards, n_groups, o);
+      int q = 0;
+      for (const Tensor& rows : {rank0, rank1, rank2}) {
+        const Tensor adv = got[static_cast<size_t>(q)].first, stats = got[static_cast<size_t>(q)].second;
+        ++q;
+        CHECK(phases::close(adv, single.adv.index_select(0, rows), 1e-12));
+        CHECK(phases::same_stats(stats, single.stats, single.adv));
+      }
+
+      // One rank holding everything: the very computation of group_advantages, bit for bit.
+      phases::shard whole;
+      whole.rewards = rewards;
+      whole.ids = ids;
+      const auto one = phases::run({whole}, n_groups, o);
+      CHECK(at::equal(one[0].first, single.adv));
+      CHECK(at::equal(one[0].second, single.stats));
+
+      // Contiguous groups of 4 (n_groups 3 + 1 row outside: B = 12 here); rows [0, 5) and
+      // [5, 12) so that group 1 straddles, plus an empty rank.
+      const Tensor r12 = rewards.slice(0, 0, 12);
+      const st::advantage_result single_c = st::group_advantages(r12, 4, o);
+      std::vector<phases::shard> cuts(3);
+      cuts[0].rewards = r12.slice(0, 0, 5);
+      cuts[1].rewards = r12.slice(0, 5, 5);
+      cuts[1].first_row = 5;
+      cuts[2].rewards = r12.slice(0, 5, 12);
+      cuts[2].first_row = 5;
+      for (auto& c : cuts) c.group_size = 4;
+      const auto got_c = phases::run(cuts, 3, o);
+      CHECK(phases::close(got_c[0].first, single_c.adv.slice(0, 0, 5), 1e-12));
+      CHECK(got_c[1].first.sizes() == at::IntArrayRef({0, K}));
+      CHECK(phases::close(got_c[2].first, single_c.adv.slice(0, 5, 12), 1e-12));
+      for (const auto& g : got_c) CHECK(phases::same_stats(g.second, single_c.stats, single_c.adv));
+    }
+
+  // The round-1 arrays of one rank against values counted here: row g = group g, last row
+  // the batch; empty min +inf, empty max -inf.
+  Tensor count, total, lo, hi;
+  std::tie(count, total, lo, hi) = phases::op<st::kernels::group_partials_fn>("sapo::group_partials")
+                                       .call(rewards, 0, ids, n_groups, 0);
+  REQUIRE(count.sizes() == at::IntArrayRef({n_groups + 1, K}));
+  CHECK(count.scalar_type() == at::kLong);
+  CHECK(total.scalar_type() == at::kDouble);
+  for (int64_t g = 0; g <= n_groups; ++g)
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t n = 0;
+      double s = 0, mn = INFINITY, mx = -INFINITY;
+      for (int64_t i = 0; i < B; ++i) {
+        const double v = r[static_cast<size_t>(i * K + k)];
+        if (std::isnan(v) || (g < n_groups && id_list[static_cast<size_t>(i)] != g)) continue;
+        ++n;
+        s += v;
+        mn = std::min(mn, v);
+        mx = std::max(mx, v);
+      }
+      INFO("group " << g << ", step " << k);
+      CHECK(count[g][k].item<int64_t>() == n);
+      CHECK(std::abs(total[g][k].item<double>() - s) <= 1e-12 * (1 + std::abs(s)));
+      CHECK(lo[g][k].item<double>() == mn);
+      CHECK(hi[g][k].item<double>() == mx);
+    }
+
+  // loss_counts against counts made here from a mask and step ids.
+  const Problem p = make_problem(7, 15, 3, 12);
+  const Tensor counts = phases::op<st::kernels::loss_counts_fn>("sapo::loss_counts").call(p.mask, p.step);
+  int64_t tokens = 0, sequences = 0, steps = 0;
+  const std::vector<double> m = values<double>(p.mask);
+  const std::vector<int32_t> s = values<int32_t>(p.step);
+  for (int64_t i = 0; i < 7; ++i) {
+    std::vector<bool> seen(3, false);
+    int64_t row = 0;
+    for (int64_t t = 0; t < 15; ++t) {
+      const size_t j = static_cast<size_t>(i * 15 + t);
+      if (m[j] == 0) continue;
+      ++row;
+      if (s[j] >= 0) seen[static_cast<size_t>(s[j])] = true;
+    }
+    tokens += row;
+    sequences += row > 0;
+    steps += std::count(seen.begin(), seen.end(), true);
+  }
+  CHECK(counts.scalar_type() == at::kLong);
+  CHECK(values<int64_t>(counts) == std::vector<int64_t>{tokens, sequences, steps, 7});
+  CHECK(values<int64_t>(phases::op<st::kernels::loss_counts_fn>("sapo::loss_counts").call(p.mask, c10::nullopt)) ==
+        std::vector<int64_t>{tokens, sequences, 0, 7});
+
+  // Registration: CPU, CUDA (message or kernel) and autograd fallthrough; the reduced arrays
+  // are required keyword-only arguments.
+  for (const char* n : {"sapo::group_partials", "sapo::group_deviations", "sapo::finalize_group_advantages",
+                        "sapo::finish_advantage_std", "sapo::loss_counts"}) {
+    INFO(n);
+    const c10::OperatorHandle h = c10::Dispatcher::singleton().findSchemaOrThrow(n, "");
+    CHECK(h.hasKernelForDispatchKey(c10::DispatchKey::CPU));
+    CHECK(h.hasKernelForDispatchKey(c10::DispatchKey::CUDA));
+    CHECK(h.hasKernelForDispatchKey(c10::DispatchKey::Autograd));
+  }
+  const c10::FunctionSchema& fs =
+      c10::Dispatcher::singleton().findSchemaOrThrow("sapo::finalize_group_advantages", "").schema();
+  CHECK(fs.arguments()[4].name() == "count");
+  CHECK(fs.arguments()[4].kwarg_only());
+  CHECK_FALSE(fs.arguments()[4].default_value().has_value());
+
+  // Errors name the tensor and both shapes.
+  using Catch::Contains;
+  const auto deviations = phases::op<st::kernels::group_deviations_fn>("sapo::group_deviations");
+  CHECK_THROWS_WITH(deviations.call(rewards, 0, ids, n_groups, count.slice(0, 0, n_groups), total, 0),
+                    Contains("count must have shape (n_groups + 1, K) = (6, 3), got (5, 3)"));
+  CHECK_THROWS_WITH(deviations.call(rewards, 0, ids, n_groups, count, total.t(), 0),
+                    Contains("sum must have shape (n_groups + 1, K) = (6, 3), got (3, 6)"));
+  CHECK_THROWS_WITH(deviations.call(rewards, 0, ids.slice(0, 0, 9), n_groups, count, total, 0),
+                    Contains("group_ids must have shape (B) = (14), got (9)"));
+  CHECK_THROWS_WITH(phases::op<st::kernels::finish_advantage_std_fn>("sapo::finish_advantage_std")
+                        .call(at::zeros({6, K}, f64), at::zeros({2, K + 1}, f64)),
+                    Contains("advantage_sums must have shape (2, K) = (2, 3), got (2, 4)"));
+  CHECK_THROWS_WITH(phases::op<st::kernels::group_partials_fn>("sapo::group_partials").call(rewards, 4, c10::nullopt, 3, 2),
+                    Contains("groups.first_row"));
+  CHECK_THROWS_WITH(phases::op<st::kernels::loss_counts_fn>("sapo::loss_counts").call(p.mask, p.step.slice(1, 0, 9)),
+                    Contains("step must have shape (B, T) = (7, 15), got (7, 9)"));
 }

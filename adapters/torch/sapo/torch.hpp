@@ -91,6 +91,27 @@ using broadcast_step_advantages_fn = at::Tensor(const at::Tensor& adv, const at:
                                                 const at::Tensor& mask);
 using broadcast_outcome_advantages_fn = at::Tensor(const at::Tensor& adv, const at::Tensor& mask);
 
+// The distributed phases (docs/distributed.md). Each returns arrays ready to all-reduce:
+// (n_groups + 1, K) per (group, step) plus the whole batch in the last row.
+/// (count int64, sum, min, max float64), each (n_groups + 1, K)
+using group_partials_fn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& rewards, int64_t group_size, const opt_tensor& group_ids, int64_t n_groups, int64_t first_row);
+/// sq_dev (n_groups + 1, K) float64 from the reduced count and sum
+using group_deviations_fn = at::Tensor(const at::Tensor& rewards, int64_t group_size, const opt_tensor& group_ids,
+                                       int64_t n_groups, const at::Tensor& count, const at::Tensor& sum,
+                                       int64_t first_row);
+/// (adv (B, K) in the rewards' dtype, stats (6, K) float64 with a local advantage_std,
+///  advantage_sums (2, K) float64: sum A, sum A^2 over the present local rows)
+using finalize_group_advantages_fn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& rewards, int64_t group_size, const opt_tensor& group_ids, int64_t n_groups,
+    const at::Tensor& count, const at::Tensor& sum, const at::Tensor& min, const at::Tensor& max,
+    const at::Tensor& sq_dev, int64_t first_row, c10::string_view norm, bool unbiased_std, double eps,
+    c10::string_view singleton);
+/// stats (6, K) with advantage_std from the reduced advantage_sums (2, K)
+using finish_advantage_std_fn = at::Tensor(const at::Tensor& stats, const at::Tensor& advantage_sums);
+/// (4) int64: tokens, sequences, steps, rows (sapo::loss_counts)
+using loss_counts_fn = at::Tensor(const at::Tensor& mask, const opt_tensor& step);
+
 #define SAPO_TORCH_LOSS_ARGS                                                                                     \
   const at::Tensor &logp, const at::Tensor &old_logp, const at::Tensor &mask, const opt_tensor &token_advantages, \
       const opt_tensor &step_advantages, const opt_tensor &step, const opt_tensor &ref_logp,                       \
@@ -338,7 +359,11 @@ struct cpu_backend {
   static void check_device(const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got device ", t.device());
   }
-  struct no_guard {};
+  // A user-provided destructor, as the CUDA backend's guard has: without it every kernel's
+  // `const auto device_guard = Backend::guard(...)` warns "set but not used" on the CPU.
+  struct no_guard {
+    ~no_guard() {}
+  };
   static no_guard guard(const at::Tensor&) { return {}; }
   template <class... A>
   static auto segment_steps(A&&... a) { return sapo::segment_steps(std::forward<A>(a)...); }
@@ -358,6 +383,16 @@ struct cpu_backend {
   }
   template <class... A>
   static auto policy_loss(A&&... a) { return sapo::policy_loss(std::forward<A>(a)...); }
+  template <class... A>
+  static auto local_group_partials(A&&... a) { return sapo::local_group_partials(std::forward<A>(a)...); }
+  template <class... A>
+  static void local_group_deviations(A&&... a) { sapo::local_group_deviations(std::forward<A>(a)...); }
+  template <class... A>
+  static auto finalize_group_advantages(A&&... a) { return sapo::finalize_group_advantages(std::forward<A>(a)...); }
+  template <class... A>
+  static void finish_advantage_std(A&&... a) { sapo::finish_advantage_std(std::forward<A>(a)...); }
+  template <class... A>
+  static auto count_loss_normalizers(A&&... a) { return sapo::count_loss_normalizers(std::forward<A>(a)...); }
 };
 
 namespace impl {
@@ -771,6 +806,223 @@ inline advantage_stats to_advantage_stats(const at::Tensor& stats) {
   }
   return s;
 }
+
+// ---------------------------------------------------------------------------------------
+// CPU kernels of the distributed phases (docs/distributed.md): the ops sapo::group_partials,
+// group_deviations, finalize_group_advantages, finish_advantage_std and loss_counts, thin
+// tensor wrappers around the core functions of sapo/advantages.hpp, so that every transport
+// (c10d in C++, torch.distributed in Python) runs the one implementation of SPEC §3. The
+// arrays are O(n_groups * K): they are read into host vectors and come back as new tensors
+// on the device of the call's leading tensor, ready to all-reduce.
+// ---------------------------------------------------------------------------------------
+namespace impl {
+namespace detail_phase {
+
+/// rewards (B, K) floating with K in [1, max_steps], as group_advantages requires.
+template <class Backend>
+void check_rewards(const at::Tensor& rewards) {
+  detail::check_matrix<Backend>(rewards, "rewards", "(B, K)");
+  detail::check_float(rewards, "rewards");
+  TORCH_CHECK(rewards.size(1) >= 1 && rewards.size(1) <= max_steps, "rewards must have K in [1, ", max_steps,
+              "] columns, got shape ", detail::shape_str(rewards.sizes()));
+}
+
+/// The global groups of the B local rows, and the int64 ids tensor the slice points into
+/// (kept alive by the caller). n_groups counts the groups of every rank, so it cannot be
+/// inferred from the local rows and has no "0 = automatic" as in group_advantages.
+template <class Backend>
+group_slice slice(int64_t B, int64_t group_size, const c10::optional<at::Tensor>& group_ids, int64_t n_groups,
+                  int64_t first_row, at::Tensor& ids_keepalive) {
+  TORCH_CHECK(n_groups > 0, "n_groups must be > 0 (the number of groups over every rank), got ", n_groups);
+  if (!group_ids.has_value() || !group_ids->defined()) return group_slice::contiguous(group_size, first_row, n_groups);
+  TORCH_CHECK(group_size == 0, "give either group_size or group_ids, not both (group_size = ", group_size, ")");
+  // first_row places the local rows in contiguous groups; ignoring it silently would hide a
+  // caller who meant contiguous groups.
+  TORCH_CHECK(first_row == 0, "first_row applies to contiguous groups (group_size > 0) only; with group_ids it must be 0, got ",
+              first_row);
+  detail::check_shape<Backend>(*group_ids, "group_ids", "(B)", B);
+  detail::check_int(*group_ids, "group_ids");
+  ids_keepalive = detail::as_dtype(*group_ids, at::kLong);
+  return group_slice::explicit_ids(detail::vec<const int64_t>(ids_keepalive), n_groups);
+}
+
+/// A reduced (n_groups + 1, K) array of an earlier round as host values (float64, or int64
+/// for the counts); any floating dtype is accepted (an all-reduce may have changed it).
+template <class Backend>
+std::vector<double> read_partial(const at::Tensor& t, const char* name, int64_t rows, int64_t K) {
+  detail::check_shape<Backend>(t, name, "(n_groups + 1, K)", rows, K);
+  detail::check_float(t, name);
+  const at::Tensor c = t.to(at::kCPU, at::kDouble).contiguous();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+template <class Backend>
+std::vector<int64_t> read_count(const at::Tensor& t, int64_t rows, int64_t K) {
+  detail::check_shape<Backend>(t, "count", "(n_groups + 1, K)", rows, K);
+  detail::check_int(t, "count");
+  const at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+/// A (rows, cols) tensor of the values v on `device`.
+template <class T>
+at::Tensor to_tensor(const std::vector<T>& v, int64_t rows, int64_t cols, at::ScalarType type,
+                     const at::Device& device) {
+  at::Tensor out = at::empty({rows, cols}, detail::cpu(type));
+  std::copy(v.begin(), v.end(), out.data_ptr<T>());
+  return out.to(device);
+}
+
+}  // namespace detail_phase
+
+/// Round 1: this rank's count, sum, min, max per (group, step) (sapo::local_group_partials).
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_partials(const at::Tensor& rewards,
+                                                                          int64_t group_size,
+                                                                          const c10::optional<at::Tensor>& group_ids,
+                                                                          int64_t n_groups, int64_t first_row) {
+  const auto device_guard = Backend::guard(rewards);
+  detail_phase::check_rewards<Backend>(rewards);
+  const int64_t B = rewards.size(0), K = rewards.size(1);
+  at::Tensor ids;
+  const group_slice g = detail_phase::slice<Backend>(B, group_size, group_ids, n_groups, first_row, ids);
+  const at::ScalarType ct = detail::compute_type(rewards.scalar_type());
+  const at::Tensor r = detail::as_dtype(rewards, ct);
+  const ::sapo::group_partials p = detail::call_kernel([&] {
+    return ct == at::kDouble ? Backend::local_group_partials(detail::mat<const double>(r), g)
+                             : Backend::local_group_partials(detail::mat<const float>(r), g);
+  });
+  const at::Device dev = rewards.device();
+  return {detail_phase::to_tensor(p.count, n_groups + 1, K, at::kLong, dev),
+          detail_phase::to_tensor(p.sum, n_groups + 1, K, at::kDouble, dev),
+          detail_phase::to_tensor(p.min, n_groups + 1, K, at::kDouble, dev),
+          detail_phase::to_tensor(p.max, n_groups + 1, K, at::kDouble, dev)};
+}
+
+/// Round 2: this rank's sums of squared deviations from the global means sum / count of the
+/// reduced round-1 arrays (sapo::local_group_deviations).
+template <class Backend = cpu_backend>
+at::Tensor group_deviations(const at::Tensor& rewards, int64_t group_size, const c10::optional<at::Tensor>& group_ids,
+                            int64_t n_groups, const at::Tensor& count, const at::Tensor& sum, int64_t first_row) {
+  const auto device_guard = Backend::guard(rewards);
+  detail_phase::check_rewards<Backend>(rewards);
+  const int64_t B = rewards.size(0), K = rewards.size(1);
+  at::Tensor ids;
+  const group_slice g = detail_phase::slice<Backend>(B, group_size, group_ids, n_groups, first_row, ids);
+  ::sapo::group_partials p;
+  p.n_groups = n_groups;
+  p.K = K;
+  p.count = detail_phase::read_count<Backend>(count, n_groups + 1, K);
+  p.sum = detail_phase::read_partial<Backend>(sum, "sum", n_groups + 1, K);
+  // Round 2 reads only count and sum; min / max are sized for the core's shape check.
+  p.min.assign(p.size(), std::numeric_limits<double>::infinity());
+  p.max.assign(p.size(), -std::numeric_limits<double>::infinity());
+  const at::ScalarType ct = detail::compute_type(rewards.scalar_type());
+  const at::Tensor r = detail::as_dtype(rewards, ct);
+  detail::call_kernel([&] {
+    if (ct == at::kDouble)
+      Backend::local_group_deviations(detail::mat<const double>(r), g, p);
+    else
+      Backend::local_group_deviations(detail::mat<const float>(r), g, p);
+  });
+  return detail_phase::to_tensor(p.sq_dev, n_groups + 1, K, at::kDouble, rewards.device());
+}
+
+/// Finish: the advantages of the local rows from the fully reduced arrays, the statistics
+/// of the whole batch (advantage_std of the local rows only), and the local advantage sums
+/// (2, K) to all-reduce for finish_advantage_std (sapo::finalize_group_advantages).
+template <class Backend = cpu_backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_group_advantages(
+    const at::Tensor& rewards, int64_t group_size, const c10::optional<at::Tensor>& group_ids, int64_t n_groups,
+    const at::Tensor& count, const at::Tensor& sum, const at::Tensor& min, const at::Tensor& max,
+    const at::Tensor& sq_dev, int64_t first_row, c10::string_view norm, bool unbiased_std, double eps,
+    c10::string_view singleton) {
+  const auto device_guard = Backend::guard(rewards);
+  detail_phase::check_rewards<Backend>(rewards);
+  const int64_t B = rewards.size(0), K = rewards.size(1);
+  const advantage_options o = detail_adv::options(norm, unbiased_std, eps, singleton);
+  at::Tensor ids;
+  const group_slice g = detail_phase::slice<Backend>(B, group_size, group_ids, n_groups, first_row, ids);
+  ::sapo::group_partials p;
+  p.n_groups = n_groups;
+  p.K = K;
+  p.count = detail_phase::read_count<Backend>(count, n_groups + 1, K);
+  p.sum = detail_phase::read_partial<Backend>(sum, "sum", n_groups + 1, K);
+  p.min = detail_phase::read_partial<Backend>(min, "min", n_groups + 1, K);
+  p.max = detail_phase::read_partial<Backend>(max, "max", n_groups + 1, K);
+  p.sq_dev = detail_phase::read_partial<Backend>(sq_dev, "sq_dev", n_groups + 1, K);
+  const at::ScalarType ct = detail::compute_type(rewards.scalar_type());
+  const at::Tensor r = detail::as_dtype(rewards, ct);
+  at::Tensor adv = at::empty({B, K}, rewards.options().dtype(ct));
+  ::sapo::advantage_sums sums;
+  const advantage_stats s = detail::call_kernel([&] {
+    return ct == at::kDouble ? Backend::finalize_group_advantages(detail::mat<const double>(r), g, p, o,
+                                                                  detail::mat<double>(adv), sums)
+                             : Backend::finalize_group_advantages(detail::mat<const float>(r), g, p, o,
+                                                                  detail::mat<float>(adv), sums);
+  });
+  std::vector<double> both(sums.sum);
+  both.insert(both.end(), sums.sum_sq.begin(), sums.sum_sq.end());
+  return {detail::as_dtype(adv, rewards.scalar_type()), detail::advantage_stats_tensor(s, K).to(rewards.device()),
+          detail_phase::to_tensor(both, 2, K, at::kDouble, rewards.device())};
+}
+
+/// stats (6, K) with advantage_std (row 2) recomputed from the all-reduced advantage sums
+/// (2, K) and stats' n_present (sapo::finish_advantage_std); the other rows are unchanged.
+template <class Backend = cpu_backend>
+at::Tensor finish_advantage_std(const at::Tensor& stats, const at::Tensor& advantage_sums) {
+  const auto device_guard = Backend::guard(stats);
+  detail::check_matrix<Backend>(stats, "stats", "(6, K)");
+  TORCH_CHECK(stats.size(0) == static_cast<int64_t>(advantage_stat_names.size()), "stats must have shape (6, K), got ",
+              detail::shape_str(stats.sizes()));
+  detail::check_float(stats, "stats");
+  const int64_t K = stats.size(1);
+  detail::check_shape<Backend>(advantage_sums, "advantage_sums", "(2, K)", 2, K);
+  detail::check_float(advantage_sums, "advantage_sums");
+  advantage_stats s = to_advantage_stats(stats);
+  const at::Tensor a = advantage_sums.to(at::kCPU, at::kDouble).contiguous();
+  ::sapo::advantage_sums reduced;  // qualified: the parameter advantage_sums hides the type
+  reduced.sum.assign(a.data_ptr<double>(), a.data_ptr<double>() + K);
+  reduced.sum_sq.assign(a.data_ptr<double>() + K, a.data_ptr<double>() + 2 * K);
+  detail::call_kernel([&] { Backend::finish_advantage_std(s, reduced); });
+  return detail::advantage_stats_tensor(s, K).to(stats.device());
+}
+
+/// This rank's counts behind the loss normalizers, (4) int64: tokens, sequences, steps (0
+/// without step ids), rows (sapo::count_loss_normalizers); all-reduce with SUM.
+template <class Backend = cpu_backend>
+at::Tensor loss_counts(const at::Tensor& mask, const c10::optional<at::Tensor>& step) {
+  const auto device_guard = Backend::guard(mask);
+  detail::check_matrix<Backend>(mask, "mask", "(B, T)");
+  detail::check_mask_dtype(mask, "mask");
+  const int64_t B = mask.size(0), T = mask.size(1);
+  const bool have_step = step.has_value() && step->defined();
+  at::Tensor s;
+  if (have_step) {
+    detail::check_shape<Backend>(*step, "step", "(B, T)", B, T);
+    detail::check_int(*step, "step");
+    s = detail::step_for_kernel(*step);
+  }
+  const at::Tensor m = detail::mask_for_kernel(mask);
+  ::sapo::loss_counts c;
+  detail::visit_mask(m, [&](auto mv) {
+    c = detail::call_kernel([&] {
+      return have_step ? Backend::count_loss_normalizers(mv, detail::mat<const int32_t>(s))
+                       : Backend::count_loss_normalizers(mv, mat_view<const int32_t>{});
+    });
+  });
+  const std::vector<int64_t> v{c.tokens, c.sequences, c.steps, c.rows};
+  return detail_phase::to_tensor(v, 1, 4, at::kLong, mask.device()).view({4});
+}
+
+}  // namespace impl
+
+namespace cpu {
+using impl::finalize_group_advantages;
+using impl::finish_advantage_std;
+using impl::group_deviations;
+using impl::group_partials;
+using impl::loss_counts;
+}  // namespace cpu
 
 // ---------------------------------------------------------------------------------------
 // The autograd function: forward runs the fused kernel (op sapo::policy_loss_fwd) and saves
