@@ -1,5 +1,6 @@
 // Policy loss, forward + backward, side by side:
 //   sapo            one sapo::policy_loss call (loss + d loss / d logp, step ids + A (B, K))
+//   sapo_autograd   sapo::libtorch::policy_loss + loss.backward() (the LibTorch adapter)
 //   libtorch        the same math op by op with autograd (torch_impls.cpp)
 //   reference       tests/reference (broadcast + policy_loss, nested double vectors), small shapes only
 //   roofline        read the inputs once, write grad once, no math
@@ -61,6 +62,13 @@ bool self_check() {
       ok &= all_close((k + ": sapo grad vs reference").c_str(), g_sapo.data(), g_ref.data(), n, 1e-5, 1e-6 * gmax);
       ok &= all_close((k + ": libtorch grad vs reference").c_str(), torch_run.grad(), g_ref.data(), n, 1e-4,
                       1e-4 * gmax);
+      // The adapter runs the same kernel: the same loss and gradient, bit for bit.
+      SapoTorchLoss adapter_run(*p, step_kl, 1);
+      const double l_adapter = adapter_run.run();
+      std::vector<double> g_sapo_d(g_sapo.begin(), g_sapo.end());
+      // (The adapter's loss tensor has logp's dtype: the kernel's double loss rounded to float.)
+      ok &= close((k + ": sapo_autograd loss vs sapo").c_str(), l_adapter, static_cast<float>(l_sapo), 0, 0);
+      ok &= all_close((k + ": sapo_autograd grad vs sapo").c_str(), adapter_run.grad(), g_sapo_d.data(), n, 0, 0);
     }
   std::fprintf(stderr, "bench_loss self-check (sapo, libtorch, reference agree): %s\n", ok ? "ok" : "FAILED");
   return ok;
@@ -92,6 +100,19 @@ void register_all(const Flags& f) {
             benchmark::DoNotOptimize(l);
             benchmark::ClobberMemory();
           }
+          finish_state(st, s, bytes, th);
+        });
+      for (int th : f.threads)
+        reg("sapo_autograd", th, [=](benchmark::State& st, bool warm_up) {
+          torch_set_threads(th);
+          SapoTorchLoss run(*g_cache.get(s).p, step_kl, th);
+          if (warm_up) benchmark::DoNotOptimize(run.run());
+          for (auto _ : st) {
+            double l = run.run();
+            benchmark::DoNotOptimize(l);
+            benchmark::ClobberMemory();
+          }
+          run.release();
           finish_state(st, s, bytes, th);
         });
       for (int th : f.threads)

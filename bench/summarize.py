@@ -19,7 +19,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-IMPLS = ["sapo", "libtorch", "reference", "roofline", "roofline_2pass"]
+IMPLS = ["sapo", "sapo_autograd", "libtorch", "reference", "roofline", "roofline_2pass"]
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -88,7 +88,8 @@ def ratio_table(rows):
                     "advantages_bcast_i64"]
     shapes.sort(key=lambda k: (kernel_order.index(k[0]) if k[0] in kernel_order else 99, k[1] * k[2], k[1], k[3]))
 
-    cols = ["kernel", "B×T", "K", "G", f"sapo ms ({t1}t)", f"sapo vs libtorch ({t1}t)"]
+    cols = ["kernel", "B×T", "K", "G", f"sapo ms ({t1}t)", f"sapo vs libtorch ({t1}t)",
+            f"sapo_autograd vs libtorch ({t1}t)"]
     if tn != t1:
         cols.append(f"sapo vs libtorch ({tn}t)")
     cols += [f"sapo vs reference ({t1}t)", f"% of roofline ({t1}t)", f"% of roofline_2pass ({t1}t)"]
@@ -100,7 +101,7 @@ def ratio_table(rows):
             return by.get((kernel, B, T, K, G, impl, th))
         s1, sn = t("sapo", t1), t("sapo", tn)
         cells = [kernel, f"{B}×{T}", str(K), str(G), "–" if s1 is None else f"{1e3 * s1:.3g}",
-                 fmt_x(ratio(t("libtorch", t1), s1))]
+                 fmt_x(ratio(t("libtorch", t1), s1)), fmt_x(ratio(t("libtorch", t1), t("sapo_autograd", t1)))]
         if tn != t1:
             cells.append(fmt_x(ratio(t("libtorch", tn), sn)))
         cells += [fmt_x(ratio(t("reference", t1), s1)), fmt_pct(ratio(t("roofline", t1), s1)),
@@ -161,7 +162,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     t1 = min(r["threads"] for r in rows)
-    colors = {"sapo": "tab:blue", "libtorch": "tab:red", "reference": "tab:gray", "roofline": "tab:green",
+    colors = {"sapo": "tab:blue", "sapo_autograd": "tab:cyan", "libtorch": "tab:red", "reference": "tab:gray", "roofline": "tab:green",
               "roofline_2pass": "tab:olive"}
     panels = [("policy loss, forward + backward", [("loss", "-", "default"), ("loss_step_kl", "--", "step ratio + step_mean + k3")]),
               ("advantage pipeline (int32 ids)", [("advantages_i32", "-", "segment→rewards→A"),

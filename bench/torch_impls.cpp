@@ -2,7 +2,10 @@
 // whole-tensor ops, autograd for the gradient, float32 throughout.
 #include "torch_impls.hpp"
 
+#include <sapo/torch.hpp>
 #include <torch/torch.h>
+
+#include "impls.hpp"
 
 namespace sapo_bench {
 
@@ -105,6 +108,38 @@ double TorchLoss::run() {
   }
   loss.backward();
   return loss.item<double>();
+}
+
+// ------------------------------------------------------------------ sapo's autograd adapter
+
+struct SapoTorchLoss::Impl {
+  sapo::libtorch::loss_inputs in;
+  sapo::loss_options options;
+};
+
+SapoTorchLoss::SapoTorchLoss(LossProblem& p, bool step_kl, int threads) : impl_(std::make_unique<Impl>()) {
+  const int64_t B = p.shape.B, T = p.shape.T, K = p.shape.K;
+  Impl& m = *impl_;
+  m.in.logp = wrap(p.logp.data(), B, T).requires_grad_(true);
+  m.in.old_logp = wrap(p.old_logp.data(), B, T);
+  if (step_kl) m.in.ref_logp = wrap(p.ref_logp.data(), B, T);
+  m.in.mask = wrap(p.mask.data(), B, T);
+  m.in.step = wrap(p.step.data(), B, T);
+  m.in.step_advantages = wrap(p.step_adv.data(), B, K);
+  m.options = loss_options_for(step_kl, threads);
+}
+
+SapoTorchLoss::~SapoTorchLoss() = default;
+
+const float* SapoTorchLoss::grad() const { return impl_->in.logp.grad().data_ptr<float>(); }
+void SapoTorchLoss::release() { impl_->in.logp.mutable_grad().reset(); }
+
+double SapoTorchLoss::run() {
+  Impl& m = *impl_;
+  m.in.logp.mutable_grad().reset();  // optimizer.zero_grad(set_to_none=True)
+  const sapo::libtorch::policy_loss_output out = sapo::libtorch::policy_loss(m.in, m.options);
+  out.loss.backward();
+  return out.loss.item<double>();
 }
 
 // ------------------------------------------------------------------ advantage pipeline

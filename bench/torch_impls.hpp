@@ -29,6 +29,23 @@ class TorchLoss {
   std::unique_ptr<Impl> impl_;
 };
 
+/// sapo through its LibTorch autograd adapter, as a LibTorch trainer calls it: one call =
+/// logp.grad reset, sapo::libtorch::policy_loss (the fused kernel, saving its gradient),
+/// loss.backward() (the saved gradient times the incoming one). Inputs wrap the problem's
+/// float32 buffers and int32 step ids: no conversion.
+class SapoTorchLoss {
+ public:
+  SapoTorchLoss(LossProblem& p, bool step_kl, int threads);
+  ~SapoTorchLoss();
+  double run();
+  const float* grad() const;
+  void release();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 /// One call = the vectorized pipeline: range masks, cumsum for step ids, scatter for the
 /// codes, cumprod for prefix rewards, index_add for the group statistics [, gather for
 /// the broadcast].

@@ -1066,7 +1066,15 @@ struct policy_loss_function : public torch::autograd::Function<policy_loss_funct
                                                  torch::autograd::variable_list grad_outputs) {
     const at::Tensor grad = ctx->get_saved_variables()[0];
     const at::Tensor& upstream = grad_outputs[0];
-    at::Tensor d_logp = upstream.defined() ? grad * upstream : at::Tensor();
+    if (!upstream.defined())
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    // loss.backward() sends exactly 1: hand over the kernel's gradient as it is, which saves
+    // a pass over (B, T) and a (B, T) allocation (the upstream value is read only on the CPU,
+    // where reading it costs no device synchronisation).
+    const bool unit = !upstream.requires_grad() && upstream.device().is_cpu() && upstream.numel() == 1 &&
+                      upstream.item<double>() == 1.0;
+    at::Tensor d_logp = unit ? grad : grad * upstream;
     // One entry per forward argument: logp, old_logp, mask, 4 optional tensors, options.
     return {d_logp, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
