@@ -159,3 +159,68 @@ TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]") {
   require_close(got.loss, want.loss, 1e-12, 1e-15);
   require_close(to_ref(buf.grad), want.grad, 1e-12, 1e-15);
 }
+
+TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, mixed tiles", "[loss]", float,
+                   double) {
+  // The kernel works on tiles of 256 tokens and skips tiles the scan found all padding, and
+  // drops the masking selects in tiles it found fully used: rows here have whole tiles of
+  // each kind (with NaN in the padding, which must never be read into a sum), tiles cut by
+  // the end of a response, and a row of padding only. K = 4 takes the SIMD per-step sums of
+  // the scan, K = 9 the scalar ones.
+  const int64_t K = GENERATE(4, 9);
+  const auto ratio = GENERATE(sapo::ratio_level::token, sapo::ratio_level::step, sapo::ratio_level::sequence);
+  const auto agg = GENERATE(sapo::aggregation::token_mean, sapo::aggregation::seq_mean_token_mean,
+                            sapo::aggregation::step_mean);
+  const bool with_ref = GENERATE(false, true);
+  const Layout layout = GENERATE(Layout::contiguous, Layout::strided);
+  CAPTURE(K, static_cast<int>(ratio), static_cast<int>(agg), with_ref, name(layout));
+  const int64_t B = 6, T = 1100;  // 4 whole tiles and a ragged one
+  // Used range [begin, end) of each row; step ids run in K contiguous runs over it, with
+  // step -1 on its first 3 tokens (a prompt) and its last one (a tail).
+  const int64_t begin[B] = {0, 0, 300, 0, 0, 17};
+  const int64_t end[B] = {1100, 513, 1100, 0, 256, 1024};
+  std::mt19937_64 rng(77 + static_cast<uint64_t>(K));
+  LossProblem p;
+  p.B = B;
+  p.T = T;
+  p.K = K;
+  p.logp = random_logp(rng, B, T);
+  p.old_logp = perturbed(rng, p.logp, 0.4);
+  p.ref_logp = perturbed(rng, p.logp, 0.5);
+  p.step_adv = random_logp(rng, B, K, -1.5, 1.5);
+  p.step.assign(size_t(B), std::vector<int64_t>(size_t(T), -1));
+  p.mask.assign(size_t(B), std::vector<int64_t>(size_t(T), 0));
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t n = end[i] - begin[i];
+    for (int64_t t = begin[i]; t < end[i]; ++t) {
+      p.mask[size_t(i)][size_t(t)] = 1;
+      const int64_t u = t - begin[i];
+      if (u >= 3 && u < n - 1) p.step[size_t(i)][size_t(t)] = std::min<int64_t>(K - 1, (u - 3) * K / (n - 4));
+    }
+  }
+  p.token_adv = sapo_ref::broadcast(p.step_adv, p.step, p.mask);
+  LossBuffers<TestType> buf(p, layout);
+  const LossProblem rounded = buf.rounded(p);  // what the reference sees: no NaN padding
+  const TestType nan = std::numeric_limits<TestType>::quiet_NaN();
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t t = 0; t < T; ++t)
+      if (p.mask[size_t(i)][size_t(t)] == 0) {
+        buf.logp.at(i, t) = buf.old_logp.at(i, t) = buf.ref_logp.at(i, t) = buf.token_adv.at(i, t) = nan;
+        buf.step.at(i, t) = 1000;  // ids of padding are not checked either
+      }
+  sapo::loss_options opt;
+  opt.ratio = ratio;
+  opt.agg = agg;
+  if (with_ref) opt.kl_coef = 0.05;
+  for (const bool by_step : {true, false}) {
+    CAPTURE(by_step);
+    const sapo::loss_result got = sapo::policy_loss(buf.inputs(with_ref, by_step), opt, buf.grad.view());
+    const sapo_ref::LossResult want = reference_loss(rounded, opt, with_ref);
+    const bool f = std::is_same<TestType, float>::value;
+    const double tol = f ? 2e-6 : 1e-12;
+    REQUIRE(got.n_tokens == 1100 + 513 + 800 + 256 + 1007);
+    require_close(got.loss, want.loss, tol, tol);
+    require_close(to_ref(buf.grad), rounded_to(want.grad, f), tol, f ? 1e-9 : 1e-15);
+    require_diagnostics(got, want, tol);
+  }
+}

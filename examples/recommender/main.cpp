@@ -47,6 +47,8 @@ preset make_preset(const std::string& name) {
   p.model.d_ff = 512;
   p.beam.beam_width = 20;
   p.beam.top_n = 10;
+  // The next-item loss on the prompt's history beside the response's loss (sft.hpp).
+  p.sft.history_loss_weight = 1.0;
   if (name == "quick") {
     // About 8 minutes of compute on 2 idle cores (docs/recommender.md): one pass over the
     // latest 32,000 training targets (every user's latest first), SASRec's 3 epochs.
@@ -54,10 +56,9 @@ preset make_preset(const std::string& name) {
     p.sft.max_examples = 32000;
     p.sasrec.epochs = 3;
   } else if (name == "full") {
-    // Every training target, 4 epochs: about 75 minutes per seed on 2 cores (estimated
-    // from the step times; docs/recommender.md).
+    // Every training target, 2 epochs (docs/recommender.md has the run times).
     p.sid.codes = 64;
-    p.sft.epochs = 4;
+    p.sft.epochs = 2;
     p.sft.max_examples = 0;
     p.sasrec.epochs = 20;
   } else {
@@ -204,6 +205,7 @@ int main(int argc, char** argv) {
   // Overrides of the preset (0 / -1 = keep the preset's value).
   int sft_epochs = 0, sasrec_epochs = 0, d_model = 0, layers = 0, codes = 0, beam_width = 0;
   int64_t sft_examples = -1;
+  double history_loss = -1, sft_lr = 0;
   app.add_option("--preset", preset_name, "quick (minutes on 2 cores) or full (docs/recommender.md)")
       ->check(CLI::IsMember({"quick", "full"}));
   app.add_option("--seed", seed, "seed of the SIDs' k-means, the models and the data order");
@@ -217,6 +219,8 @@ int main(int argc, char** argv) {
   app.add_flag("--skip-baselines", skip_baselines, "only the generative model with thinking");
   app.add_option("--sft-epochs", sft_epochs, "SFT epochs (default: the preset's)");
   app.add_option("--sft-examples", sft_examples, "SFT examples per epoch, latest per user first (0 = all)");
+  app.add_option("--history-loss", history_loss, "weight of the next-item loss on the prompt's history (default: the preset's)");
+  app.add_option("--sft-lr", sft_lr, "SFT peak learning rate (default: the preset's)");
   app.add_option("--d-model", d_model, "transformer width (heads of 32 dimensions)");
   app.add_option("--layers", layers, "transformer layers");
   app.add_option("--codes", codes, "SID codes per level (32..64)")->check(CLI::Range(2, 256));
@@ -228,6 +232,8 @@ int main(int argc, char** argv) {
     preset p = make_preset(preset_name);
     if (sft_epochs > 0) p.sft.epochs = sft_epochs;
     if (sft_examples >= 0) p.sft.max_examples = sft_examples;
+    if (history_loss >= 0) p.sft.history_loss_weight = history_loss;
+    if (sft_lr > 0) p.sft.lr = sft_lr;
     if (d_model > 0) {
       p.model.d_model = d_model;
       p.model.heads = std::max(1, d_model / 32);

@@ -39,13 +39,16 @@ void progress_bar::draw(bool final) {
   std::string bar(size_t(filled), '#');
   bar.resize(width, '.');
   // On a terminal the line redraws in place; in a log every redraw would be a new line, so
-  // only the final state is written there.
+  // there a line is written once a minute (long runs stay observable) and at the end.
   const bool tty = isatty(fileno(stderr));
-  if (!tty && !final) return;
+  if (!tty && !final) {
+    if (elapsed < next_log_line_) return;
+    next_log_line_ = elapsed + 60.0;
+  }
   std::fprintf(stderr, "%s%-22s [%s] %lld/%lld %s  %.1f %s/s  %s %.0fs  %s%s", tty ? "\r\033[K" : "",
                label_.c_str(), bar.c_str(), (long long)done_, (long long)total_, unit_.c_str(), rate,
                unit_.c_str(), final ? "took" : "eta", final ? elapsed : eta, status_.c_str(),
-               final ? "\n" : "");
+               final || !tty ? "\n" : "");
   std::fflush(stderr);
 }
 

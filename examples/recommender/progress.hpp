@@ -20,6 +20,7 @@ class progress_bar {
   int64_t total_, done_ = 0;
   bool enabled_, finished_ = false;
   std::chrono::steady_clock::time_point start_, last_draw_;
+  double next_log_line_ = 60.0;  // seconds since start of the next line in a log (not a terminal)
 };
 
 }  // namespace rec

@@ -122,10 +122,21 @@ sft_report train_sft(decoder_lm& model, const trace_builder& traces, const split
       // Positions P-1 .. T-2 predict the response tokens P .. T-1; <pad> targets are ignored.
       torch::Tensor target = seq.narrow(1, P, T - P);
       target = target.masked_fill(target.eq(vocabulary::pad), -100);
-      const torch::Tensor logits = model->forward(seq.narrow(1, 0, T - 1), P - 1);
-      const torch::Tensor loss = torch::nn::functional::cross_entropy(
-          logits.reshape({-1, logits.size(-1)}), target.reshape({-1}),
-          torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+      const auto ce = [](const torch::Tensor& logits, const torch::Tensor& labels) {
+        return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}), labels.reshape({-1}),
+                                                    torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+      };
+      const bool with_history = opt.history_loss_weight > 0;
+      const torch::Tensor logits_all = model->forward(seq.narrow(1, 0, T - 1), with_history ? 0 : P - 1);
+      const torch::Tensor logits = with_history ? logits_all.narrow(1, P - 1, T - P) : logits_all;
+      const torch::Tensor response_loss = ce(logits, target);
+      torch::Tensor loss = response_loss;
+      if (with_history) {
+        // Positions 0 .. P-2 predict prompt tokens 1 .. P-1 (the left padding is ignored).
+        torch::Tensor history_target = seq.narrow(1, 1, P - 1);
+        history_target = history_target.masked_fill(history_target.eq(vocabulary::pad), -100);
+        loss = loss + opt.history_loss_weight * ce(logits_all.narrow(1, 0, P - 1), history_target);
+      }
       for (auto& g : optimizer.param_groups())
         static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr_at(rep.steps));
       optimizer.zero_grad();
@@ -134,7 +145,7 @@ sft_report train_sft(decoder_lm& model, const trace_builder& traces, const split
       optimizer.step();
 
       const int64_t n_tok = target.ne(-100).sum().item<int64_t>();
-      loss_sum += loss.item<double>() * double(n_tok);
+      loss_sum += response_loss.item<double>() * double(n_tok);
       token_count += n_tok;
       char status[48];
       std::snprintf(status, sizeof status, "loss %.4f", loss_sum / double(std::max<int64_t>(1, token_count)));

@@ -15,6 +15,10 @@ struct sft_options {
   double weight_decay = 0.01;
   double warmup_fraction = 0.05;    // linear warm-up, then cosine decay to 10 %
   int64_t max_examples = 0;         // 0 = all training examples; else the latest per user first
+  // Weight of an auxiliary next-token loss on the prompt: every history item's SID tokens
+  // predicted from the items before it (SASRec's all-positions objective). It costs no extra
+  // forward pass and gives each sequence ~20 targets instead of one; 0 = response only.
+  double history_loss_weight = 0;
   uint64_t seed = 1;
   std::string checkpoint_dir;       // empty = no checkpoints; else <dir>/<name>-epoch<N>.pt
   std::string name = "model";

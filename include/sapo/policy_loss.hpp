@@ -141,6 +141,12 @@ class policy_loss_kernel {
   static_assert(8 * W < 256, "a block's clip counts must fit the 8-bit fields of the packed counter");
   // Mean log-ratios lie in [-20, 20]; a larger value marks a token that keeps its own ratio.
   static constexpr double no_group = 1e30;
+  static constexpr T no_group_rho = T(-1);  // a ratio is > 0: marks "no group" in group_rho_t
+  // What the scan learnt about a tile's mask, so the compute pass can skip work: a tile of
+  // padding (every mask 0) only gets its zero gradient, a tile whose every lane is a used
+  // token needs no masking selects; anything else (and every tile of a row that took the
+  // exact path) goes through the general loop.
+  static constexpr uint8_t tile_mixed = 0, tile_off = 1, tile_all_on = 2;
 
   policy_loss_kernel(const policy_inputs<T, M>& in, const loss_options& o, mat_view<G> grad, int64_t K)
       : in_(in), o_(o), grad_(grad), B_(in.logp.rows), T_(in.logp.cols), K_(K), slots_(K + 1) {
@@ -151,6 +157,8 @@ class policy_loss_kernel {
               o.agg == aggregation::seq_mean_token_mean;
     if (counts_) count_.assign(static_cast<size_t>(B_ * slots_), 0);
     if (o.ratio != ratio_level::token) delta_sum_.assign(static_cast<size_t>(B_ * slots_), 0.0);
+    tiles_per_row_ = (T_ + tile - 1) / tile;
+    tile_state_.assign(static_cast<size_t>(B_ * tiles_per_row_), tile_mixed);
     contiguous_ = in.logp.col_stride == 1 && in.old_logp.col_stride == 1 &&
                   (!use_ref_ || in.ref_logp.col_stride == 1) && (by_step_ || in.token_advantages.col_stride == 1) &&
                   (!have_step_ || in.step.col_stride == 1) && in.mask.col_stride == 1;
@@ -211,11 +219,11 @@ class policy_loss_kernel {
   /// Per-thread scratch: one tile of every per-token array, and the per-row tables.
   struct scratch {
     alignas(64) T logp[tile], old[tile], ref[tile], adv[tile], on[tile], delta[tile], grad[tile];
-    alignas(64) int32_t step[tile];
+    alignas(64) int32_t step[tile], step_slot[tile];
     double adv_table[max_steps + 1], weight_table[max_steps + 1], group_delta_table[max_steps + 1];
     // The same tables in T for the SIMD lookups; slot_on is 0 for a step whose advantage
     // is not finite (its tokens are dropped under nonfinite_policy::mask).
-    alignas(64) T adv_t[max_steps + 1], weight_t[max_steps + 1], group_delta_t[max_steps + 1],
+    alignas(64) T adv_t[max_steps + 1], weight_t[max_steps + 1], group_rho_t[max_steps + 1],
         slot_on_t[max_steps + 1];
     bool all_slots_on = true;
   };
@@ -389,6 +397,49 @@ class policy_loss_kernel {
     return true;
   }
 
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+  static constexpr bool vector_step_sums = std::is_same<T, float>::value;
+#else
+  static constexpr bool vector_step_sums = false;
+#endif
+
+  /// Per-step token counts (cnt, slot k + 1 = step k, slot 0 = every token) and delta sums
+  /// (dsum, may be null) of the used tokens of one tile whose step ids passed scan_steps,
+  /// slot by slot in SIMD lanes (the tile sits in L1). Delta sums run in float over 8 packs,
+  /// then flush to double. AVX2 float lanes and at most 8 slots; the caller checks.
+  void step_sums(const tile_data& d, scratch& s, int64_t padded, int32_t* cnt, double* dsum) const {
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+    if constexpr (vector_step_sums) {
+      using I = xsimd::batch<int32_t>;  // as many lanes as float
+      // Slot of each token: step + 1 for used tokens, -1 for off ones (whose ids are unchecked).
+      for (int64_t j = 0; j < padded; j += W) {
+        const I on = xsimd::batch_cast<int32_t>(simd::load(d.mask + j));
+        const I slot = (I::load_unaligned(d.step + j) + I(2)) * on - I(1);
+        slot.store_aligned(s.step_slot + j);
+      }
+      constexpr int64_t block = 8 * W;
+      for (int64_t k = 0; k < slots_; ++k) {
+        I count(0);
+        const I want = k == 0 ? I(-1) : I(static_cast<int32_t>(k));
+        for (int64_t j0 = 0; j0 < padded; j0 += block) {
+          P sum(0);
+          for (int64_t j = j0; j < std::min(padded, j0 + block); j += W) {
+            const I slot = I::load_aligned(s.step_slot + j);
+            // Slot 0 takes every used token, slot k > 0 the tokens of step k - 1.
+            const auto in = k == 0 ? (slot > want) : (slot == want);
+            count = count + xsimd::select(in, I(1), I(0));
+            if (dsum) sum = sum + simd::select(xsimd::batch_bool<T>(_mm256_castsi256_ps(in)), simd::load(s.delta + j), P(0));
+          }
+          if (dsum) dsum[k] += simd::horizontal_sum(sum);
+        }
+        cnt[k] += static_cast<int32_t>(xsimd::hadd(count));
+      }
+      return;
+    }
+#endif
+    (void)d, (void)s, (void)padded, (void)cnt, (void)dsum;
+  }
+
   void scan_row(int64_t i, scratch& s, chunk_counts& c) const {
     // A non-finite step advantage matters only if a token of its step takes part: the
     // exact path finds out.
@@ -401,26 +452,37 @@ class policy_loss_kernel {
     for (int64_t t0 = 0; t0 < T_ && !suspicious; t0 += tile) {
       const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
       const tile_data d = load_tile(i, t0, n, padded, s);
+      // The mask alone first: a tile of padding needs nothing else read or checked.
       P on_count(0);
+      for (int64_t j = 0; j < padded; j += W) on_count = on_count + simd::select(simd::load(d.mask + j) != P(0), P(1), P(0));
+      const double tile_tokens = simd::horizontal_sum(on_count);
+      uint8_t& state = tile_state_[static_cast<size_t>(i * tiles_per_row_ + t0 / tile)];
+      state = tile_tokens == 0 ? tile_off : (tile_tokens == static_cast<double>(padded) ? tile_all_on : tile_mixed);
+      if (state == tile_off) continue;
       auto bad = P(0) != P(0);  // all false
       for (int64_t j = 0; j < padded; j += W) {
         const P m = simd::load(d.mask + j);
-        const auto on = m != P(0);
-        auto ok = finite(simd::load(d.logp + j)) && finite(simd::load(d.old + j));
+        // finite(logp - old) is finite(logp) && finite(old): one test for both.
+        auto ok = finite(simd::load(d.logp + j) - simd::load(d.old + j));
         if (d.ref) ok = ok && finite(simd::load(d.ref + j));
         if (d.adv) ok = ok && finite(simd::load(d.adv + j));
-        bad = bad || (on && !(ok && m == P(1)));
-        on_count = on_count + simd::select(on, P(1), P(0));
+        bad = bad || ((m != P(0)) && !(ok && m == P(1)));
         if (dsum) simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
       }
       if (simd::any(bad)) {
         suspicious = true;
         break;
       }
-      row_tokens += simd::horizontal_sum(on_count);
+      row_tokens += tile_tokens;
       if (d.step && !cnt && !dsum) {
         // Step ids: range check and the steps present.
         if (!scan_steps(d, n, padded, seen)) suspicious = true;
+      } else if (d.step && slots_ <= 8 && vector_step_sums) {
+        if (!scan_steps(d, n, padded, seen)) {
+          suspicious = true;
+        } else {
+          step_sums(d, s, padded, cnt, dsum);
+        }
       } else if (d.step) {
         // Step ids: range check, the steps present, and the per-step counts and delta sums.
         bool out_of_range = false;
@@ -464,6 +526,7 @@ class policy_loss_kernel {
   /// Scan of a row that has non-finite tokens to drop (nonfinite_policy::mask): per token,
   /// as the compute pass will see them.
   void scan_row_dropping(int64_t i, scratch& s, chunk_counts& c, int64_t nonfinite) const {
+    std::fill_n(tile_state_.begin() + i * tiles_per_row_, tiles_per_row_, tile_mixed);
     int32_t* cnt = counts_ ? &count_[static_cast<size_t>(i * slots_)] : nullptr;
     double* dsum = delta_sum_.empty() ? nullptr : &delta_sum_[static_cast<size_t>(i * slots_)];
     uint64_t seen = 0;
@@ -524,8 +587,8 @@ class policy_loss_kernel {
     if (o_.agg == aggregation::seq_mean_token_mean) row_weight = cnt[0] > 0 ? 1.0 / cnt[0] : 0.0;
     for (int64_t k = 0; k < slots_; ++k) {
       s.weight_table[k] = o_.agg != aggregation::step_mean ? row_weight : (k > 0 && cnt[k] > 0 ? 1.0 / cnt[k] : 0.0);
-      // Step / sequence ratio: the mean delta of the group (its exp is taken in the SIMD
-      // loop, with the same exp as the token ratio); no_group marks "use the token ratio".
+      // Step / sequence ratio: the mean delta of the group (its exp goes into group_rho_t
+      // below); no_group marks "use the token ratio".
       s.group_delta_table[k] = no_group;
       if (o_.ratio == ratio_level::step && k > 0 && cnt[k] > 0) s.group_delta_table[k] = dsum[k] / cnt[k];
       if (o_.ratio == ratio_level::sequence && cnt[0] > 0) s.group_delta_table[k] = dsum[0] / cnt[0];
@@ -537,89 +600,142 @@ class policy_loss_kernel {
       s.slot_on_t[k] = ok ? T(1) : T(0);
       s.adv_t[k] = ok ? static_cast<T>(s.adv_table[k]) : T(0);
       s.weight_t[k] = static_cast<T>(s.weight_table[k]);
-      s.group_delta_t[k] = static_cast<T>(s.group_delta_table[k]);
+      // exp(mean delta) with the SIMD exp of the token ratio, once per step instead of per token.
+      alignas(64) T lanes[W];
+      simd::store(lanes, simd::exp(P(static_cast<T>(s.group_delta_table[k]))));
+      s.group_rho_t[k] = s.group_delta_table[k] == no_group ? no_group_rho : lanes[0];
     }
+  }
+
+  /// Per-pack sums of one block, in T, flushed to double by flush_block.
+  struct block_sums {
+    P loss = P(T(0)), ratio = P(T(0)), kl_old = P(T(0)), kl_old_k3 = P(T(0)), kl_ref = P(T(0)), clips = P(T(0));
+  };
+
+  /// Row constants of the compute loop.
+  struct row_constants {
+    clip_params clip;
+    P inv_norm, beta, row_weight, row_rho;
+  };
+
+  /// Packs [j0, j_end) of one tile. AllOn: every lane is a used token (the scan saw mask 1
+  /// throughout, no token is dropped, every step advantage is finite), so the selects
+  /// that switch off tokens fall away; the arithmetic is the same, so the results are too.
+  template <bool AllOn>
+  void compute_block(const tile_data& d, const scratch& s, const row_constants& rc, int64_t j0, int64_t j_end,
+                     T* g_out, block_sums& acc, P& ratio_max) const {
+    const bool per_token_weight = o_.agg == aggregation::step_mean;
+    const bool step_ratio = o_.ratio == ratio_level::step;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    for (int64_t j = j0; j < j_end; j += W) {
+      auto on = P(1) != P(0);  // all true
+      P on01(1);
+      if constexpr (!AllOn) {
+        on = used_lanes(d, j, drop_nonfinite_);
+        on01 = simd::select(on, P(1), P(0));
+        if (d.step && !s.all_slots_on) {
+          on01 = on01 * lookup(s.slot_on_t, d.step, on01, j);
+          on = on01 != P(0);
+        }
+      }
+      // keep(x, off): x for used tokens, off elsewhere.
+      auto keep = [&](const P& x, const P& off) {
+        if constexpr (AllOn) {
+          (void)off;
+          return x;
+        } else {
+          return simd::select(on, x, off);
+        }
+      };
+      const P zero(0);
+      const P logp = keep(simd::load(d.logp + j), zero);
+      const P a = by_step_ ? lookup(s.adv_t, d.step, on01, j) : keep(simd::load(d.adv + j), zero);
+      const token_ratio<P> tr = importance_ratio(logp, keep(simd::load(d.old + j), zero));
+      P rho = tr.rho, dlogrho = tr.slope;
+      if (o_.ratio != ratio_level::token) {
+        // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1;
+        // the exponentials come from the row's table (no_group_rho: the token's own ratio).
+        const P group_rho = step_ratio ? lookup(s.group_rho_t, d.step, on01, j) : rc.row_rho;
+        const auto grouped = group_rho > zero;
+        rho = simd::select(grouped, group_rho, rho);
+        dlogrho = simd::select(grouped, P(1), dlogrho);
+      }
+      const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, rc.clip);
+      P l = sv.loss, dl = sv.slope;
+      if (d.ref) {
+        const kl_value<P> kv = kl_penalty(logp, keep(simd::load(d.ref + j), zero), o_.kl);
+        l = l + rc.beta * kv.k;
+        dl = dl + rc.beta * kv.slope;
+        acc.kl_ref = acc.kl_ref + kv.k;
+      }
+      const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : keep(rc.row_weight, zero);
+      simd::store(g_out + j, keep(w * rc.inv_norm * dl, zero));
+      acc.loss = acc.loss + w * l;
+      acc.ratio = acc.ratio + keep(rho, zero);
+      ratio_max = simd::max(ratio_max, keep(rho, P(lowest)));
+      acc.kl_old = acc.kl_old - tr.delta;
+      acc.kl_old_k3 = acc.kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
+      acc.clips = acc.clips + simd::select(sv.clipped_low, P(1), zero) + simd::select(sv.clipped_high, P(256), zero) +
+                  simd::select(sv.dual, P(65536), zero);
+    }
+  }
+
+  static void flush_block(block_sums& acc, chunk_sums& out) {
+    out.loss += simd::horizontal_sum(acc.loss);
+    out.ratio += simd::horizontal_sum(acc.ratio);
+    out.kl_old += simd::horizontal_sum(acc.kl_old);
+    out.kl_old_k3 += simd::horizontal_sum(acc.kl_old_k3);
+    out.kl_ref += simd::horizontal_sum(acc.kl_ref);
+    const auto packed = static_cast<int64_t>(simd::horizontal_sum(acc.clips));
+    out.clip_low += static_cast<double>(packed & 255);
+    out.clip_high += static_cast<double>((packed >> 8) & 255);
+    out.clip_dual += static_cast<double>(packed >> 16);
+    acc = block_sums();
   }
 
   void compute_row(int64_t i, scratch& s, chunk_sums& out) const {
     row_tables(i, s);
-    const clip_params clip{o_.clip_low, o_.clip_high, o_.dual_clip, o_.dual_clip_c};
-    const P inv_norm(static_cast<T>(inv_norm_)), beta(static_cast<T>(o_.kl_coef));
-    const P row_weight(static_cast<T>(s.weight_table[0]));
-    const P row_delta(static_cast<T>(s.group_delta_table[0]));  // sequence ratio: one mean delta per row
-    const bool per_token_weight = o_.agg == aggregation::step_mean;
-    const bool step_ratio = o_.ratio == ratio_level::step;
-    const T lowest = -std::numeric_limits<T>::infinity();
-    P ratio_max(lowest);
+    row_constants rc{clip_params{o_.clip_low, o_.clip_high, o_.dual_clip, o_.dual_clip_c}, P(static_cast<T>(inv_norm_)),
+                     P(static_cast<T>(o_.kl_coef)), P(static_cast<T>(s.weight_table[0])),
+                     P(s.group_rho_t[0])};  // sequence ratio: one ratio per row
+    // A tile the scan found fully on runs without masking when nothing else can switch a
+    // token off.
+    const bool fast_ok = !drop_nonfinite_ && (!have_step_ || s.all_slots_on);
+    P ratio_max(-std::numeric_limits<T>::infinity());
     for (int64_t t0 = 0; t0 < T_; t0 += tile) {
       const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
+      const uint8_t state = tile_state_[static_cast<size_t>(i * tiles_per_row_ + t0 / tile)];
+      if (state == tile_off) {
+        // Padding: only the zero gradient (nothing else is read).
+        if (grad_.col_stride == 1)
+          std::fill_n(&grad_(i, t0), n, G(0));
+        else
+          for (int64_t j = 0; j < n; ++j) grad_(i, t0 + j) = G(0);
+        continue;
+      }
       const tile_data d = load_tile(i, t0, n, padded, s);
       T* g_out = s.grad;
       const bool direct_out = grad_direct_ && !d.copied;
       if constexpr (std::is_same<T, G>::value) {
         if (direct_out) g_out = &grad_(i, t0);
       }
-
       // Sums run in packs of T over a short block, then flush to double: they stay within
       // float rounding of the per-token values, without a horizontal add per pack.
       // The three clip counts share one accumulator, low + 2^8 high + 2^16 dual: a block has
       // at most 8 W <= 128 tokens, so the sum stays below 2^24, exact in float.
-      P loss(0), ratio(0), kl_old(0), kl_old_k3(0), kl_ref(0), clips(0);
-      auto flush = [&] {
-        out.loss += simd::horizontal_sum(loss);
-        out.ratio += simd::horizontal_sum(ratio);
-        out.kl_old += simd::horizontal_sum(kl_old);
-        out.kl_old_k3 += simd::horizontal_sum(kl_old_k3);
-        out.kl_ref += simd::horizontal_sum(kl_ref);
-        const auto packed = static_cast<int64_t>(simd::horizontal_sum(clips));
-        out.clip_low += static_cast<double>(packed & 255);
-        out.clip_high += static_cast<double>((packed >> 8) & 255);
-        out.clip_dual += static_cast<double>(packed >> 16);
-        loss = ratio = kl_old = kl_old_k3 = kl_ref = clips = P(0);
-      };
       // Off tokens (mask 0, padding, dropped) get logp = old = ref = 0 and a = w = 0: then
       // delta = 0, rho = 1, k = 0, nothing is clipped and every sum but the ratio ones
       // needs no mask of its own, whatever the off tokens held (NaN padding included).
       constexpr int64_t block = 8 * W;  // packs summed in T before the flush to double
+      const bool all_on = fast_ok && state == tile_all_on;
+      block_sums acc;
       for (int64_t j0 = 0; j0 < padded; j0 += block) {
         const int64_t j_end = std::min(padded, j0 + block);
-        for (int64_t j = j0; j < j_end; j += W) {
-          auto on = used_lanes(d, j, drop_nonfinite_);
-          P on01 = simd::select(on, P(1), P(0));
-          if (d.step && !s.all_slots_on) {
-            on01 = on01 * lookup(s.slot_on_t, d.step, on01, j);
-            on = on01 != P(0);
-          }
-          const P logp = simd::select(on, simd::load(d.logp + j), P(0));
-          const P a = by_step_ ? lookup(s.adv_t, d.step, on01, j) : simd::select(on, simd::load(d.adv + j), P(0));
-          const token_ratio<P> tr = importance_ratio(logp, simd::select(on, simd::load(d.old + j), P(0)));
-          P rho = tr.rho, dlogrho = tr.slope;
-          if (o_.ratio != ratio_level::token) {
-            // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1.
-            const P group = step_ratio ? lookup(s.group_delta_t, d.step, on01, j) : row_delta;
-            const auto grouped = group < P(static_cast<T>(no_group));
-            rho = simd::select(grouped, simd::exp(simd::select(grouped, group, P(0))), rho);
-            dlogrho = simd::select(grouped, P(1), dlogrho);
-          }
-          const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, clip);
-          P l = sv.loss, dl = sv.slope;
-          if (d.ref) {
-            const kl_value<P> kv = kl_penalty(logp, simd::select(on, simd::load(d.ref + j), P(0)), o_.kl);
-            l = l + beta * kv.k;
-            dl = dl + beta * kv.slope;
-            kl_ref = kl_ref + kv.k;
-          }
-          const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : simd::select(on, row_weight, P(0));
-          simd::store(g_out + j, simd::select(on, w * inv_norm * dl, P(0)));
-          loss = loss + w * l;
-          ratio = ratio + simd::select(on, rho, P(0));
-          ratio_max = simd::max(ratio_max, simd::select(on, rho, P(lowest)));
-          kl_old = kl_old - tr.delta;
-          kl_old_k3 = kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
-          clips = clips + simd::select(sv.clipped_low, P(1), P(0)) + simd::select(sv.clipped_high, P(256), P(0)) +
-                  simd::select(sv.dual, P(65536), P(0));
-        }
-        flush();
+        if (all_on)
+          compute_block<true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        else
+          compute_block<false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        flush_block(acc, out);
       }
       if (!direct_out)
         for (int64_t j = 0; j < n; ++j) grad_(i, t0 + j) = static_cast<G>(s.grad[j]);
@@ -638,6 +754,8 @@ class policy_loss_kernel {
   double inv_norm_ = 0;
   mutable std::vector<int32_t> count_;
   mutable std::vector<double> delta_sum_;
+  int64_t tiles_per_row_ = 0;
+  mutable std::vector<uint8_t> tile_state_;  // per (row, tile), written by the scan
 };
 
 }  // namespace detail
