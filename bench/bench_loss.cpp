@@ -34,6 +34,17 @@ ShapeCache<LossCase> g_cache([](const Shape& s) {
   return c;
 });
 
+// The same batch without padding (mask 1 everywhere; the former padding is tail tokens of
+// step -1): sapo skips the inputs of padding tiles, so on the ragged batch it moves fewer
+// bytes than the roofline's minimal bytes; here every token is used and the roofline
+// comparison is like for like.
+ShapeCache<LossCase> g_dense_cache([](const Shape& s) {
+  auto c = std::make_unique<LossCase>();
+  c->p = make_loss_problem(s);
+  std::fill(c->p->mask.data(), c->p->mask.data() + c->p->mask.size(), 1.0f);
+  return c;
+});
+
 const char* kernel_name(bool step_kl) { return step_kl ? "loss_step_kl" : "loss"; }
 
 /// sapo, libtorch and the reference agree on the loss and the gradient (float32 inputs;
@@ -74,82 +85,89 @@ bool self_check() {
   return ok;
 }
 
+/// Every implementation of one kernel at one shape. `all`: also the LibTorch adapter and
+/// the reference (not for loss_dense).
+void register_kernel(const Flags& f, const Shape& s, bool step_kl, const std::string& kernel,
+                     ShapeCache<LossCase>* cache, bool all) {
+  const double bytes = loss_bytes(s, step_kl);
+  auto reg = [&](const std::string& impl, int threads, std::function<void(benchmark::State&, bool)> fn) {
+    // fn(state, warm_up): warm_up is true on the first of the calls Google Benchmark makes
+    // (iteration estimate, repetitions), so each benchmark gets one untimed warm-up call.
+    auto first = std::make_shared<bool>(true);
+    benchmark::RegisterBenchmark(bench_name(kernel, impl, s, threads).c_str(), [fn, first](benchmark::State& st) {
+      const bool warm_up = *first;
+      *first = false;
+      fn(st, warm_up);
+    })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  };
+  for (int th : f.threads)
+    reg("sapo", th, [=](benchmark::State& st, bool warm_up) {
+      SapoLoss run{*cache->get(s).p, step_kl};
+      if (warm_up) benchmark::DoNotOptimize(run.run(th));
+      for (auto _ : st) {
+        double l = run.run(th);
+        benchmark::DoNotOptimize(l);
+        benchmark::ClobberMemory();
+      }
+      finish_state(st, s, bytes, th);
+    });
+  if (all)
+    for (int th : f.threads)
+      reg("sapo_autograd", th, [=](benchmark::State& st, bool warm_up) {
+        torch_set_threads(th);
+        SapoTorchLoss run(*cache->get(s).p, step_kl, th);
+        if (warm_up) benchmark::DoNotOptimize(run.run());
+        for (auto _ : st) {
+          double l = run.run();
+          benchmark::DoNotOptimize(l);
+          benchmark::ClobberMemory();
+        }
+        run.release();
+        finish_state(st, s, bytes, th);
+      });
+  for (int th : f.threads)
+    reg("libtorch", th, [=](benchmark::State& st, bool warm_up) {
+      torch_set_threads(th);
+      TorchLoss run(*cache->get(s).p, step_kl);
+      if (warm_up) benchmark::DoNotOptimize(run.run());
+      for (auto _ : st) {
+        double l = run.run();
+        benchmark::DoNotOptimize(l);
+        benchmark::ClobberMemory();
+      }
+      finish_state(st, s, bytes, th);
+    });
+  if (all && s.tokens() <= f.reference_max_tokens)
+    reg("reference", 1, [=](benchmark::State& st, bool /*warm_up: the reference is not warmed up*/) {
+      const RefLossInputs& ri = cache->get(s).reference();
+      for (auto _ : st) {
+        sapo_ref::LossResult r = reference_loss(ri, step_kl);
+        benchmark::DoNotOptimize(r.loss);
+        benchmark::ClobberMemory();
+      }
+      finish_state(st, s, bytes, 1);
+    });
+  for (bool two_pass : {false, true})
+    for (int th : f.threads)
+      reg(two_pass ? "roofline_2pass" : "roofline", th, [=](benchmark::State& st, bool warm_up) {
+        LossRoofline run{*cache->get(s).p, step_kl, two_pass};
+        if (warm_up) benchmark::DoNotOptimize(run.run(th));
+        for (auto _ : st) {
+          uint32_t v = run.run(th);
+          benchmark::DoNotOptimize(v);
+          benchmark::ClobberMemory();
+        }
+        finish_state(st, s, bytes, th);
+      });
+}
+
 void register_all(const Flags& f) {
   for (const Shape s : bench_shapes(f.quick))
-    for (bool step_kl : {false, true}) {
-      const std::string kernel = kernel_name(step_kl);
-      const double bytes = loss_bytes(s, step_kl);
-      auto reg = [&](const std::string& impl, int threads, std::function<void(benchmark::State&, bool)> fn) {
-        // fn(state, warm_up): warm_up is true on the first of the calls Google Benchmark makes
-        // (iteration estimate, repetitions), so each benchmark gets one untimed warm-up call.
-        auto first = std::make_shared<bool>(true);
-        benchmark::RegisterBenchmark(bench_name(kernel, impl, s, threads).c_str(), [fn, first](benchmark::State& st) {
-          const bool warm_up = *first;
-          *first = false;
-          fn(st, warm_up);
-        })
-            ->UseRealTime()
-            ->Unit(benchmark::kMillisecond);
-      };
-      for (int th : f.threads)
-        reg("sapo", th, [=](benchmark::State& st, bool warm_up) {
-          SapoLoss run{*g_cache.get(s).p, step_kl};
-          if (warm_up) benchmark::DoNotOptimize(run.run(th));
-          for (auto _ : st) {
-            double l = run.run(th);
-            benchmark::DoNotOptimize(l);
-            benchmark::ClobberMemory();
-          }
-          finish_state(st, s, bytes, th);
-        });
-      for (int th : f.threads)
-        reg("sapo_autograd", th, [=](benchmark::State& st, bool warm_up) {
-          torch_set_threads(th);
-          SapoTorchLoss run(*g_cache.get(s).p, step_kl, th);
-          if (warm_up) benchmark::DoNotOptimize(run.run());
-          for (auto _ : st) {
-            double l = run.run();
-            benchmark::DoNotOptimize(l);
-            benchmark::ClobberMemory();
-          }
-          run.release();
-          finish_state(st, s, bytes, th);
-        });
-      for (int th : f.threads)
-        reg("libtorch", th, [=](benchmark::State& st, bool warm_up) {
-          torch_set_threads(th);
-          TorchLoss run(*g_cache.get(s).p, step_kl);
-          if (warm_up) benchmark::DoNotOptimize(run.run());
-          for (auto _ : st) {
-            double l = run.run();
-            benchmark::DoNotOptimize(l);
-            benchmark::ClobberMemory();
-          }
-          finish_state(st, s, bytes, th);
-        });
-      if (s.tokens() <= f.reference_max_tokens)
-        reg("reference", 1, [=](benchmark::State& st, bool /*warm_up: the reference is not warmed up*/) {
-          const RefLossInputs& ri = g_cache.get(s).reference();
-          for (auto _ : st) {
-            sapo_ref::LossResult r = reference_loss(ri, step_kl);
-            benchmark::DoNotOptimize(r.loss);
-            benchmark::ClobberMemory();
-          }
-          finish_state(st, s, bytes, 1);
-        });
-      for (bool two_pass : {false, true})
-        for (int th : f.threads)
-          reg(two_pass ? "roofline_2pass" : "roofline", th, [=](benchmark::State& st, bool warm_up) {
-            LossRoofline run{*g_cache.get(s).p, step_kl, two_pass};
-            if (warm_up) benchmark::DoNotOptimize(run.run(th));
-            for (auto _ : st) {
-              uint32_t v = run.run(th);
-              benchmark::DoNotOptimize(v);
-              benchmark::ClobberMemory();
-            }
-            finish_state(st, s, bytes, th);
-          });
-    }
+    for (bool step_kl : {false, true}) register_kernel(f, s, step_kl, kernel_name(step_kl), &g_cache, true);
+  // The largest shape once more without padding (the target shape of docs/benchmarks.md).
+  register_kernel(f, bench_shapes(f.quick).back(), false, "loss_dense", &g_dense_cache, false);
 }
 
 }  // namespace

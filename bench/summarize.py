@@ -84,7 +84,7 @@ def ratio_table(rows):
         key = (r["kernel"], r["B"], r["T"], r["K"], r["G"])
         if key not in shapes:
             shapes.append(key)
-    kernel_order = ["loss", "loss_step_kl", "advantages_i32", "advantages_i64", "advantages_bcast_i32",
+    kernel_order = ["loss", "loss_dense", "loss_step_kl", "advantages_i32", "advantages_i64", "advantages_bcast_i32",
                     "advantages_bcast_i64"]
     shapes.sort(key=lambda k: (kernel_order.index(k[0]) if k[0] in kernel_order else 99, k[1] * k[2], k[1], k[3]))
 
