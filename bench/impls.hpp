@@ -202,8 +202,8 @@ struct AdvOutputs {
         token_adv(size_t(s.B * s.T)) {}
 };
 
-/// sapo: segment_steps -> step_rewards(prefix) -> group_advantages(contiguous G)
-/// [-> broadcast_step_advantages].
+/// sapo: segment_steps -> step_rewards(prefix) -> group_advantages(contiguous G); with the
+/// broadcast, the one call that does all four (step_advantage_pipeline).
 template <class Id>
 struct SapoAdvantages {
   const Batch& b;
@@ -218,9 +218,20 @@ struct SapoAdvantages {
       ids = b.tokens32.data();
     const sapo::mat_view<const Id> tokens(ids, B, T);
     const sapo::mat_view<const float> mask(b.mask.data(), B, T);
+    const sapo::segment_outputs seg{{out.step.data(), B, T}, {out.n_steps.data(), B}, {out.codes.data(), B, K},
+                                    {out.malformed.data(), B}};
+    if (bcast) {
+      sapo::pipeline_options po;  // prefix rewards; std, unbiased, eps 1e-6
+      po.segment = segment_options_for(K, threads);
+      const sapo::pipeline_result r = sapo::step_advantage_pipeline(
+          tokens, mask, sapo::mat_view<const int64_t>(b.targets.data(), B, K),
+          sapo::group_layout::contiguous(b.shape.G), po,
+          sapo::pipeline_outputs<float>{seg, {out.rewards.data(), B, K}, {out.adv.data(), B, K},
+                                        {out.token_adv.data(), B, T}});
+      return r.segment.n_malformed;
+    }
     const sapo::segment_stats st = sapo::segment_steps(
-        tokens, mask, segment_options_for(K, threads),
-        {{out.step.data(), B, T}, {out.n_steps.data(), B}, {out.codes.data(), B, K}, {out.malformed.data(), B}});
+        tokens, mask, segment_options_for(K, threads), seg);
     sapo::reward_options ro;  // prefix
     sapo::step_rewards(sapo::mat_view<const int64_t>(out.codes.data(), B, K),
                        sapo::vec_view<const uint8_t>(out.malformed.data(), B),
@@ -229,10 +240,6 @@ struct SapoAdvantages {
     sapo::advantage_options ao;  // std, unbiased, eps 1e-6
     sapo::group_advantages(sapo::mat_view<const float>(out.rewards.data(), B, K),
                            sapo::group_layout::contiguous(b.shape.G), ao, sapo::mat_view<float>(out.adv.data(), B, K));
-    if (bcast)
-      sapo::broadcast_step_advantages(sapo::mat_view<const float>(out.adv.data(), B, K),
-                                      sapo::mat_view<const int32_t>(out.step.data(), B, T), mask,
-                                      sapo::mat_view<float>(out.token_adv.data(), B, T), threads);
     return st.n_malformed;
   }
 };

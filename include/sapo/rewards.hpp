@@ -47,6 +47,24 @@ SAPO_HOST_DEVICE void row_rewards(reward_kind kind, const double* weights, int64
 
 }  // namespace detail
 
+namespace detail {
+
+/// The option checks of step_rewards that need no data (the pipeline runs them up front).
+inline void check_reward_options(const reward_options& options, int64_t K) {
+  check_enum("options.kind", options.kind, reward_kind::exact);
+  if (options.kind == reward_kind::weighted_prefix) {
+    SAPO_CHECK(static_cast<int64_t>(options.level_weights.size()) == K, "options.level_weights",
+               "K = " << K << " weights for weighted_prefix", options.level_weights.size() << " weights");
+    for (size_t k = 0; k < options.level_weights.size(); ++k)
+      SAPO_CHECK(is_finite(options.level_weights[k]), "options.level_weights", "finite values",
+                 options.level_weights[k] << " at level " << k);
+  }
+  SAPO_CHECK(is_finite(options.malformed_reward), "options.malformed_reward", "a finite value",
+             options.malformed_reward);
+}
+
+}  // namespace detail
+
 /// \brief Built-in step rewards (SPEC §2).
 /// \param codes     (B, K) generated codes from segment_steps
 /// \param malformed (B) flags from segment_steps (nonzero = malformed)
@@ -66,15 +84,7 @@ void step_rewards(mat_view<C> codes, vec_view<F> malformed, mat_view<Y> targets,
   detail::check_enum("options.kind", options.kind, reward_kind::exact);
   for (int64_t i = 0; i < B; ++i)
     SAPO_CHECK(malformed(i) == F(0) || malformed(i) == F(1), "malformed", "0 or 1 at response " << i, +malformed(i));
-  if (options.kind == reward_kind::weighted_prefix) {
-    SAPO_CHECK(static_cast<int64_t>(options.level_weights.size()) == K, "options.level_weights",
-               "K = " << K << " weights for weighted_prefix", options.level_weights.size() << " weights");
-    for (size_t k = 0; k < options.level_weights.size(); ++k)
-      SAPO_CHECK(detail::is_finite(options.level_weights[k]), "options.level_weights", "finite values",
-                 options.level_weights[k] << " at level " << k);
-  }
-  SAPO_CHECK(detail::is_finite(options.malformed_reward), "options.malformed_reward", "a finite value",
-             options.malformed_reward);
+  detail::check_reward_options(options, K);
 
   for (int64_t i = 0; i < B; ++i) {
     auto write = [&](int64_t k, double r) { rewards(i, k) = static_cast<R>(r); };

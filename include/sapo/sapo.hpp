@@ -9,5 +9,6 @@
 #include "segment.hpp"
 #include "rewards.hpp"
 #include "advantages.hpp"
+#include "pipeline.hpp"
 #include "loss_math.hpp"
 #include "policy_loss.hpp"
