@@ -623,10 +623,16 @@ class policy_loss_kernel {
   /// that switch off tokens fall away; the arithmetic is the same, so the results are too.
   template <bool AllOn>
   void compute_block(const tile_data& d, const scratch& s, const row_constants& rc, int64_t j0, int64_t j_end,
-                     T* g_out, block_sums& acc, P& ratio_max) const {
+                     T* g_out, block_sums& acc_out, P& ratio_max_out) const {
     const bool per_token_weight = o_.agg == aggregation::step_mean;
     const bool step_ratio = o_.ratio == ratio_level::step;
     const T lowest = -std::numeric_limits<T>::infinity();
+    // Local copies: the gradient stores through g_out could alias anything reached by
+    // reference, which would force every accumulator and constant through memory each pack.
+    block_sums acc = acc_out;
+    P ratio_max = ratio_max_out;
+    const P inv_norm = rc.inv_norm, beta = rc.beta, row_weight = rc.row_weight, row_rho = rc.row_rho;
+    const clip_params clip = rc.clip;
     for (int64_t j = j0; j < j_end; j += W) {
       auto on = P(1) != P(0);  // all true
       P on01(1);
@@ -655,21 +661,21 @@ class policy_loss_kernel {
       if (o_.ratio != ratio_level::token) {
         // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1;
         // the exponentials come from the row's table (no_group_rho: the token's own ratio).
-        const P group_rho = step_ratio ? lookup(s.group_rho_t, d.step, on01, j) : rc.row_rho;
+        const P group_rho = step_ratio ? lookup(s.group_rho_t, d.step, on01, j) : row_rho;
         const auto grouped = group_rho > zero;
         rho = simd::select(grouped, group_rho, rho);
         dlogrho = simd::select(grouped, P(1), dlogrho);
       }
-      const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, rc.clip);
+      const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, clip);
       P l = sv.loss, dl = sv.slope;
       if (d.ref) {
         const kl_value<P> kv = kl_penalty(logp, keep(simd::load(d.ref + j), zero), o_.kl);
-        l = l + rc.beta * kv.k;
-        dl = dl + rc.beta * kv.slope;
+        l = l + beta * kv.k;
+        dl = dl + beta * kv.slope;
         acc.kl_ref = acc.kl_ref + kv.k;
       }
-      const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : keep(rc.row_weight, zero);
-      simd::store(g_out + j, keep(w * rc.inv_norm * dl, zero));
+      const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : keep(row_weight, zero);
+      simd::store(g_out + j, keep(w * inv_norm * dl, zero));
       acc.loss = acc.loss + w * l;
       acc.ratio = acc.ratio + keep(rho, zero);
       ratio_max = simd::max(ratio_max, keep(rho, P(lowest)));
@@ -678,6 +684,8 @@ class policy_loss_kernel {
       acc.clips = acc.clips + simd::select(sv.clipped_low, P(1), zero) + simd::select(sv.clipped_high, P(256), zero) +
                   simd::select(sv.dual, P(65536), zero);
     }
+    acc_out = acc;
+    ratio_max_out = ratio_max;
   }
 
   static void flush_block(block_sums& acc, chunk_sums& out) {
