@@ -200,4 +200,23 @@ inline sapo_ref::Matrix perturbed(std::mt19937_64& rng, const sapo_ref::Matrix& 
   return m;
 }
 
+/// Runs `call`, which must throw sapo::error for `argument` with a message naming it, and
+/// whose actual value reads `actual`.
+template <class F>
+inline void require_rejected(F call, const std::string& argument, const std::string& actual) {
+  try {
+    call();
+    FAIL("no error for " << argument);
+  } catch (const sapo::error& e) {
+    const std::string what = e.what();
+    INFO(what);
+    REQUIRE(e.argument() == argument);
+    REQUIRE(what.find(argument) != std::string::npos);
+    REQUIRE(what.find("expected") != std::string::npos);
+    REQUIRE(e.actual().find(actual) != std::string::npos);
+    REQUIRE(!e.expected().empty());
+  }
+}
+
+
 }  // namespace sapo_test

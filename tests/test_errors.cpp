@@ -6,24 +6,6 @@ using namespace sapo_test;
 
 namespace {
 
-/// Runs `call`, which must throw sapo::error for `argument` with a message naming it, and
-/// whose actual value reads `actual`.
-template <class F>
-void require_rejected(F call, const std::string& argument, const std::string& actual) {
-  try {
-    call();
-    FAIL("no error for " << argument);
-  } catch (const sapo::error& e) {
-    const std::string what = e.what();
-    INFO(what);
-    REQUIRE(e.argument() == argument);
-    REQUIRE(what.find(argument) != std::string::npos);
-    REQUIRE(what.find("expected") != std::string::npos);
-    REQUIRE(e.actual().find(actual) != std::string::npos);
-    REQUIRE(!e.expected().empty());
-  }
-}
-
 template <class T>
 void require_untouched(const Buf<T>& b, T sentinel) {
   for (const T& x : b.store) REQUIRE(x == sentinel);

@@ -6,20 +6,6 @@ namespace {
 
 using namespace sapo_test;
 
-/// `call` must throw sapo::error naming `argument`, with an expected and an actual value.
-template <class F>
-void require_error_names(const std::string& argument, F call) {
-  try {
-    call();
-    FAIL("no error for " << argument);
-  } catch (const sapo::error& e) {
-    INFO(e.what());
-    REQUIRE(e.argument() == argument);
-    REQUIRE(!e.expected().empty());
-    REQUIRE(!e.actual().empty());
-  }
-}
-
 template <class R>
 struct PipelineBuffers {
   Buf<int32_t> step;
@@ -134,64 +120,65 @@ TEST_CASE("step_advantage_pipeline: a rejected argument leaves every output unto
     return o;
   };
   struct Case {
-    const char* what;  // the argument the message must name
+    const char* what;    // the argument the message must name
+    const char* actual;  // and (part of) the actual value it must report
     std::function<void(PipelineBuffers<float>&)> call;
   };
   const auto g4 = sapo::group_layout::contiguous(4);
   const std::vector<Case> cases = {
-      {"options.segment.num_steps (K)",
+      {"options.segment.num_steps (K)", "0",
        [&](PipelineBuffers<float>& b) {
          auto o = good();
          o.segment.num_steps = 0;
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, o, b.all(true));
        }},
-      {"targets",
+      {"targets", "(8, 2)",
        [&](PipelineBuffers<float>& b) {
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets_short.cview(), g4, good(), b.all(true));
        }},
-      {"out.rewards",
+      {"out.rewards", "(8, 2)",
        [&](PipelineBuffers<float>& b) {
          auto out = b.all(true);
          out.rewards.cols = 2;
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, good(), out);
        }},
-      {"out.advantages",
+      {"out.advantages", "0",
        [&](PipelineBuffers<float>& b) {
          auto out = b.all(true);
          out.advantages.row_stride = 0;
          out.advantages.col_stride = 0;
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, good(), out);
        }},
-      {"out.token_advantages",
+      {"out.token_advantages", "(7, 20)",
        [&](PipelineBuffers<float>& b) {
          auto out = b.all(true);
          out.token_advantages.rows = B - 1;
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, good(), out);
        }},
-      {"options.level_weights",
+      {"options.level_weights", "0 weights",
        [&](PipelineBuffers<float>& b) {
          auto o = good();
          o.reward.kind = sapo::reward_kind::weighted_prefix;  // and no weights
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, o, b.all(true));
        }},
-      {"options.eps",
+      {"options.eps", "0",
        [&](PipelineBuffers<float>& b) {
          auto o = good();
          o.advantage.eps = 0;
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, o, b.all(true));
        }},
-      {"groups.group_size",
+      {"groups.group_size", "3",
        [&](PipelineBuffers<float>& b) {
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), sapo::group_layout::contiguous(3),
                                        good(), b.all(true));
        }},
-      {"options.sid_ranges",
+      {"options.sid_ranges", "2",
        [&](PipelineBuffers<float>& b) {
          auto o = good();
          o.segment.sid_ranges.pop_back();
          sapo::step_advantage_pipeline(tokens.cview(), mask.cview(), targets.cview(), g4, o, b.all(true));
        }},
-      {"mask",
+      {"mask", "0.5",
        [&](PipelineBuffers<float>& b) {
          Buf<float> bad = mask;
          bad.at(B - 1, T - 1) = 0.5f;  // the last value: found before anything is written
@@ -201,7 +188,7 @@ TEST_CASE("step_advantage_pipeline: a rejected argument leaves every output unto
   for (const Case& c : cases) {
     CAPTURE(c.what);
     PipelineBuffers<float> b(B, T, v.K, Layout::contiguous);
-    require_error_names(c.what, [&] { c.call(b); });
+    require_rejected([&] { c.call(b); }, c.what, c.actual);
     CHECK(b.untouched());
   }
   // And the good call goes through (the cases above differ from it in one argument each).
