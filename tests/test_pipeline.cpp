@@ -1,5 +1,8 @@
 // step_advantage_pipeline against the four calls it stands for (bit for bit), and its
 // errors: every rejected argument leaves every output untouched.
+#include <functional>
+#include <string>
+
 #include "support.hpp"
 
 namespace {
