@@ -102,16 +102,7 @@ void register_all(const Flags& f) {
         const double bytes = adv_bytes(s, id_bytes, bcast);
         const bool i64 = id_bytes == 8;
         auto reg = [&](const std::string& impl, int threads, std::function<void(benchmark::State&, bool)> fn) {
-          // fn(state, warm_up): warm_up is true on the first of the calls Google Benchmark makes
-          // (iteration estimate, repetitions), so each benchmark gets one untimed warm-up call.
-          auto first = std::make_shared<bool>(true);
-          benchmark::RegisterBenchmark(bench_name(kernel, impl, s, threads).c_str(), [fn, first](benchmark::State& st) {
-            const bool warm_up = *first;
-            *first = false;
-            fn(st, warm_up);
-          })
-              ->UseRealTime()
-              ->Unit(benchmark::kMillisecond);
+          register_timed(kernel, impl, s, threads, std::move(fn));
         };
         for (int th : f.threads)
           reg("sapo", th, [=](benchmark::State& st, bool warm_up) {

@@ -62,6 +62,21 @@ inline std::string bench_name(const std::string& kernel, const std::string& impl
   return kernel + "/" + impl + "/" + s.str() + "/threads:" + std::to_string(threads);
 }
 
+/// Registers one benchmark, timed in real milliseconds. fn(state, warm_up): warm_up is true on
+/// the first of the calls Google Benchmark makes (iteration estimate, repetitions), so each
+/// benchmark gets one untimed warm-up call.
+inline void register_timed(const std::string& kernel, const std::string& impl, const Shape& s, int threads,
+                           std::function<void(benchmark::State&, bool)> fn) {
+  auto first = std::make_shared<bool>(true);
+  benchmark::RegisterBenchmark(bench_name(kernel, impl, s, threads).c_str(), [fn, first](benchmark::State& st) {
+    const bool warm_up = *first;
+    *first = false;
+    fn(st, warm_up);
+  })
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
 /// Holds the inputs of one shape at a time.
 template <class P>
 class ShapeCache {
