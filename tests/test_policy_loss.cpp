@@ -133,8 +133,9 @@ TEST_CASE("policy_loss by hand: one token per branch", "[loss]") {
   REQUIRE(r.ratio_max == Approx(4.0));
 }
 
-TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]") {
-  // One token per step in one row: step_mean over 64 present steps, step 63 included.
+TEMPLATE_TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]", float, double) {
+  // One token per step in one row: step_mean over 64 present steps, step 63 included (the
+  // float SIMD scan collects steps 32..63 in a lane set of their own).
   const int64_t T = 64;
   LossProblem p;
   p.B = 1;
@@ -152,12 +153,14 @@ TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]") {
   sapo::loss_options opt;
   opt.ratio = sapo::ratio_level::step;
   opt.agg = sapo::aggregation::step_mean;
-  LossBuffers<double> buf(p, Layout::contiguous);
+  LossBuffers<TestType> buf(p, Layout::contiguous);
+  const LossProblem rounded = buf.rounded(p);
   const auto got = sapo::policy_loss(buf.inputs(false, true), opt, buf.grad.view());
-  const auto want = reference_loss(p, opt, false);
+  const auto want = reference_loss(rounded, opt, false);
+  const bool f = std::is_same<TestType, float>::value;
   REQUIRE(got.n_steps == 64);
-  require_close(got.loss, want.loss, 1e-12, 1e-15);
-  require_close(to_ref(buf.grad), want.grad, 1e-12, 1e-15);
+  require_close(got.loss, want.loss, f ? 2e-6 : 1e-12, f ? 1e-9 : 1e-15);
+  require_close(to_ref(buf.grad), rounded_to(want.grad, f), f ? 2e-6 : 1e-12, f ? 1e-9 : 1e-15);
 }
 
 TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, mixed tiles", "[loss]", float,

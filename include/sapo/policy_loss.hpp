@@ -138,7 +138,10 @@ class policy_loss_kernel {
   using P = simd::pack<T>;
   static constexpr int64_t W = static_cast<int64_t>(simd::lanes<T>);
   static_assert(tile % W == 0, "the tile must hold whole packs");
-  static_assert(8 * W < 256, "a block's clip counts must fit the 8-bit fields of the packed counter");
+  // The compute pass sums in T over blocks of this many tokens, then flushes to double.
+  static constexpr int64_t sum_block = 128;
+  static_assert(sum_block < 256 && sum_block % W == 0 && tile % sum_block == 0,
+                "a block's clip counts must fit the 8-bit fields of the packed counter");
   // Mean log-ratios lie in [-20, 20]; a larger value marks a token that keeps its own ratio.
   static constexpr double no_group = 1e30;
   static constexpr T no_group_rho = T(-1);  // a ratio is > 0: marks "no group" in group_rho_t
@@ -223,24 +226,28 @@ class policy_loss_kernel {
     double adv_table[max_steps + 1], weight_table[max_steps + 1], group_delta_table[max_steps + 1];
     // The same tables in T for the SIMD lookups; slot_on is 0 for a step whose advantage
     // is not finite (its tokens are dropped under nonfinite_policy::mask).
-    alignas(64) T adv_t[max_steps + 1], weight_t[max_steps + 1], group_rho_t[max_steps + 1],
-        slot_on_t[max_steps + 1];
+    alignas(64) T adv_t[max_steps + 1], weight_t[max_steps + 1], grad_weight_t[max_steps + 1],
+        group_rho_t[max_steps + 1], slot_on_t[max_steps + 1];
     bool all_slots_on = true;
   };
 
-  /// table[step + 1] for the W tokens at j, slot 0 where the token is off. On AVX2, with
-  /// at most 8 slots (K <= 7) the table sits in one register and a lane permute (vpermps,
-  /// one instruction) looks it up; with more, a hardware gather; elsewhere W scalar loads.
-  inline P lookup(const T* table, const int32_t* step, const P& on01, int64_t j) const {
+  /// table[step + 1] for the W tokens at j, slot 0 where the token is off (AllOn: no
+  /// token is). On AVX2, with at most 8 slots (K <= 7: `one_register`) the table sits in
+  /// one register and a lane permute (vpermps, one instruction) looks it up; with more, a
+  /// hardware gather; elsewhere W scalar loads.
+  template <bool AllOn>
+  static P lookup(const T* table, const int32_t* step, const P& on01, int64_t j, bool one_register) {
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
     if constexpr (std::is_same<T, float>::value) {
       using I = xsimd::batch<int32_t>;  // as many lanes as float
-      const I slot = (I::load_unaligned(step + j) + I(1)) * xsimd::batch_cast<int32_t>(on01);
-      if (slots_ <= 8) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), slot);
+      I slot = I::load_unaligned(step + j) + I(1);
+      if constexpr (!AllOn) slot = slot * xsimd::batch_cast<int32_t>(on01);
+      if (one_register) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), slot);
       // The intrinsic itself: xsimd 8.1's batch::gather misses its AVX2 overload.
       return _mm256_i32gather_ps(table, slot, sizeof(float));
     }
 #endif
+    (void)one_register;
     alignas(64) T on[W], v[W];
     simd::store(on, on01);
     for (int64_t k = 0; k < W; ++k) v[k] = table[on[k] != T(0) ? step[j + k] + 1 : 0];
@@ -359,43 +366,58 @@ class policy_loss_kernel {
     return finite_row;
   }
 
-  /// Range check of the step ids of on tokens, and the set of steps present (bit k).
-  /// Returns false on an id outside [-1, K).
-  bool scan_steps(const tile_data& d, int64_t n, int64_t padded, uint64_t& seen) const {
+  /// Range check of the step ids of on tokens, and the set of steps present (bit k), for
+  /// one tile. With AVX2 and float it runs pack by pack inside the scan's finite-check loop
+  /// (add), so each input is loaded once per tile: 8 int32 lanes beside 8 float ones, off
+  /// tokens become step -1 and a variable shift sets bit `step` (vpsllvd gives 0 for
+  /// shifts of 32 or more, and of -1). Elsewhere finish() checks the tile token by token.
+  struct step_check {
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
-    if constexpr (std::is_same<T, float>::value) {
-      // 8 lanes of int32 beside 8 of float: off tokens become step -1, a variable shift
-      // sets bit `step` (shifts of 32 or more, and of -1, give 0 in vpsllvd).
-      using I = xsimd::batch<int32_t>;
-      I low(0), high(0), bad(0);
-      for (int64_t j = 0; j < padded; j += W) {
-        const I on = xsimd::batch_cast<int32_t>(simd::load(d.mask + j));
-        const I step = (I::load_unaligned(d.step + j) + I(1)) * on - I(1);
-        bad = bad | xsimd::select((step < I(-1)) || (step >= I(static_cast<int32_t>(K_))), I(1), I(0));
-        low = low | (I(1) << step);
-        high = high | (I(1) << (step - I(32)));
+    static constexpr bool vector = std::is_same<T, float>::value;
+#else
+    static constexpr bool vector = false;
+#endif
+    using I = std::conditional_t<vector, simd::pack<int32_t>, int32_t>;
+    I low = I(0), high = I(0), bad = I(0);
+
+    /// The W step ids at `step`; `off`: the lanes whose mask is 0.
+    template <class Off>
+    void add(const int32_t* step, const Off& off, int32_t K, bool wide) {
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+      if constexpr (vector) {
+        const I st = xsimd::select(xsimd::batch_bool<int32_t>(_mm256_castps_si256(off)), I(-1), I::load_unaligned(step));
+        bad = bad | I(((st < I(-1)) || (st >= I(K))).data);  // all bits set in a bad lane
+        low = low | (I(1) << st);
+        if (wide) high = high | (I(1) << (st - I(32)));
+        return;
       }
-      alignas(64) int32_t lo[W], hi[W], b[W];
-      low.store_aligned(lo);
-      high.store_aligned(hi);
-      bad.store_aligned(b);
-      for (int64_t k = 0; k < W; ++k) {
-        if (b[k]) return false;
-        seen |= static_cast<uint64_t>(static_cast<uint32_t>(lo[k])) |
-                (static_cast<uint64_t>(static_cast<uint32_t>(hi[k])) << 32);
+#endif
+      (void)step, (void)off, (void)K, (void)wide;
+    }
+
+    /// Returns false on an id outside [-1, K); otherwise adds the tile's steps to `seen`.
+    bool finish(const tile_data& d, int64_t n, int32_t K, uint64_t& seen) const {
+      if constexpr (vector) {
+        alignas(64) int32_t lo[W], hi[W], b[W];
+        simd::store(lo, low);
+        simd::store(hi, high);
+        simd::store(b, bad);
+        for (int64_t k = 0; k < W; ++k) {
+          if (b[k]) return false;
+          seen |= static_cast<uint64_t>(static_cast<uint32_t>(lo[k])) |
+                  (static_cast<uint64_t>(static_cast<uint32_t>(hi[k])) << 32);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (d.mask[j] == T(0)) continue;
+          const int32_t st = d.step[j];
+          if (st < -1 || st >= K) return false;
+          if (st >= 0) seen |= uint64_t(1) << st;
+        }
       }
       return true;
     }
-#endif
-    (void)padded;
-    for (int64_t j = 0; j < n; ++j) {
-      if (d.mask[j] == T(0)) continue;
-      const int32_t st = d.step[j];
-      if (st < -1 || st >= K_) return false;
-      if (st >= 0) seen |= uint64_t(1) << st;
-    }
-    return true;
-  }
+  };
 
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
   static constexpr bool vector_step_sums = std::is_same<T, float>::value;
@@ -404,7 +426,7 @@ class policy_loss_kernel {
 #endif
 
   /// Per-step token counts (cnt, slot k + 1 = step k, slot 0 = every token) and delta sums
-  /// (dsum, may be null) of the used tokens of one tile whose step ids passed scan_steps,
+  /// (dsum, may be null) of the used tokens of one tile whose step ids passed step_check,
   /// slot by slot in SIMD lanes (the tile sits in L1). Delta sums run in float over 8 packs,
   /// then flush to double. AVX2 float lanes and at most 8 slots; the caller checks.
   void step_sums(const tile_data& d, scratch& s, int64_t padded, int32_t* cnt, double* dsum) const {
@@ -440,6 +462,30 @@ class policy_loss_kernel {
     (void)d, (void)s, (void)padded, (void)cnt, (void)dsum;
   }
 
+  /// The scan's checks of one tile: every mask value 0 or 1, finite inputs wherever it is
+  /// 1, and with Steps the step ids (collected into `seen`). False if anything is wrong.
+  template <bool Steps>
+  bool check_tile(const tile_data& d, int64_t n, int64_t padded, uint64_t& seen) const {
+    const int32_t K = static_cast<int32_t>(K_);
+    const bool wide = K > 32;
+    const T *mask = d.mask, *logp = d.logp, *old = d.old;
+    const int32_t* step = d.step;
+    auto good = P(0) == P(0);  // all true
+    step_check steps;
+    // The inputs every call has, in one loop: finite(logp - old) is finite(logp) &&
+    // finite(old), one test for both.
+    for (int64_t j = 0; j < padded; j += W) {
+      const P m = simd::load(mask + j);
+      const auto off = m == P(0);
+      good = good && (off || (finite(simd::load(logp + j) - simd::load(old + j)) && m == P(1)));
+      if constexpr (Steps) steps.add(step + j, off, K, wide);
+    }
+    for (const T* x : {d.ref, d.adv})
+      if (x)
+        for (int64_t j = 0; j < padded; j += W) good = good && ((simd::load(mask + j) == P(0)) || finite(simd::load(x + j)));
+    return simd::all(good) && (!Steps || steps.finish(d, n, K, seen));
+  }
+
   void scan_row(int64_t i, scratch& s, chunk_counts& c) const {
     // A non-finite step advantage matters only if a token of its step takes part: the
     // exact path finds out.
@@ -459,54 +505,30 @@ class policy_loss_kernel {
       uint8_t& state = tile_state_[static_cast<size_t>(i * tiles_per_row_ + t0 / tile)];
       state = tile_tokens == 0 ? tile_off : (tile_tokens == static_cast<double>(padded) ? tile_all_on : tile_mixed);
       if (state == tile_off) continue;
-      auto bad = P(0) != P(0);  // all false
-      for (int64_t j = 0; j < padded; j += W) {
-        const P m = simd::load(d.mask + j);
-        // finite(logp - old) is finite(logp) && finite(old): one test for both.
-        auto ok = finite(simd::load(d.logp + j) - simd::load(d.old + j));
-        if (d.ref) ok = ok && finite(simd::load(d.ref + j));
-        if (d.adv) ok = ok && finite(simd::load(d.adv + j));
-        bad = bad || ((m != P(0)) && !(ok && m == P(1)));
-        if (dsum) simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
-      }
-      if (simd::any(bad)) {
+      if (!(d.step ? check_tile<true>(d, n, padded, seen) : check_tile<false>(d, n, padded, seen))) {
         suspicious = true;
         break;
       }
+      if (dsum)
+        for (int64_t j = 0; j < padded; j += W)
+          simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
       row_tokens += tile_tokens;
-      if (d.step && !cnt && !dsum) {
-        // Step ids: range check and the steps present.
-        if (!scan_steps(d, n, padded, seen)) suspicious = true;
-      } else if (d.step && slots_ <= 8 && vector_step_sums) {
-        if (!scan_steps(d, n, padded, seen)) {
-          suspicious = true;
-        } else {
-          step_sums(d, s, padded, cnt, dsum);
+      if (!cnt && !dsum) continue;
+      if (d.step && slots_ <= 8 && vector_step_sums) {
+        step_sums(d, s, padded, cnt, dsum);
+        continue;
+      }
+      // Per-step token counts and delta sums (slot 0: every used token), token by token.
+      for (int64_t j = 0; j < n; ++j) {
+        if (d.mask[j] == T(0)) continue;
+        const int32_t st = d.step ? d.step[j] : -1;
+        if (cnt) {
+          ++cnt[0];
+          if (st >= 0) ++cnt[st + 1];
         }
-      } else if (d.step) {
-        // Step ids: range check, the steps present, and the per-step counts and delta sums.
-        bool out_of_range = false;
-        for (int64_t j = 0; j < n; ++j) {
-          if (d.mask[j] == T(0)) continue;
-          const int32_t st = d.step[j];
-          out_of_range = out_of_range || st < -1 || st >= K_;
-          if (out_of_range) break;
-          if (st >= 0) seen |= uint64_t(1) << st;
-          if (cnt) {
-            ++cnt[0];
-            if (st >= 0) ++cnt[st + 1];
-          }
-          if (dsum) {
-            dsum[0] += static_cast<double>(s.delta[j]);
-            if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
-          }
-        }
-        if (out_of_range) suspicious = true;
-      } else if (cnt || dsum) {
-        for (int64_t j = 0; j < n; ++j) {
-          if (d.mask[j] == T(0)) continue;
-          if (cnt) ++cnt[0];
-          if (dsum) dsum[0] += static_cast<double>(s.delta[j]);
+        if (dsum) {
+          dsum[0] += static_cast<double>(s.delta[j]);
+          if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
         }
       }
     }
@@ -600,6 +622,7 @@ class policy_loss_kernel {
       s.slot_on_t[k] = ok ? T(1) : T(0);
       s.adv_t[k] = ok ? static_cast<T>(s.adv_table[k]) : T(0);
       s.weight_t[k] = static_cast<T>(s.weight_table[k]);
+      s.grad_weight_t[k] = s.weight_t[k] * static_cast<T>(inv_norm_);  // d loss / d l of the token
       // exp(mean delta) with the SIMD exp of the token ratio, once per step instead of per token.
       alignas(64) T lanes[W];
       simd::store(lanes, simd::exp(P(static_cast<T>(s.group_delta_table[k]))));
@@ -615,32 +638,40 @@ class policy_loss_kernel {
   /// Row constants of the compute loop.
   struct row_constants {
     clip_params clip;
-    P inv_norm, beta, row_weight, row_rho;
+    P beta, row_weight, row_grad_weight, row_rho;
   };
 
   /// Packs [j0, j_end) of one tile. AllOn: every lane is a used token (the scan saw mask 1
   /// throughout, no token is dropped, every step advantage is finite), so the selects
-  /// that switch off tokens fall away; the arithmetic is the same, so the results are too.
-  template <bool AllOn>
+  /// that switch off tokens fall away. Plain: the default loss (token ratio, no KL, no dual
+  /// clip, one weight per row), whose loop then carries no tests for the other options.
+  /// Either way the arithmetic is the same, so the results are too.
+  template <bool AllOn, bool Plain>
   void compute_block(const tile_data& d, const scratch& s, const row_constants& rc, int64_t j0, int64_t j_end,
                      T* g_out, block_sums& acc_out, P& ratio_max_out) const {
-    const bool per_token_weight = o_.agg == aggregation::step_mean;
-    const bool step_ratio = o_.ratio == ratio_level::step;
+    // Everything the loop consults goes into locals first: the gradient stores through g_out
+    // could alias anything reached through `this` or a reference, which would reload every
+    // option, pointer, accumulator and constant from memory on each pack.
+    const bool per_token_weight = !Plain && o_.agg == aggregation::step_mean;
+    const bool grouped_ratio = !Plain && o_.ratio != ratio_level::token, step_ratio = o_.ratio == ratio_level::step;
+    const bool by_step = by_step_, drop = drop_nonfinite_, one_register = slots_ <= 8;
+    const bool slot_gate = d.step && !s.all_slots_on;
+    const kl_estimator kl = o_.kl;
+    const T *logp_in = d.logp, *old_in = d.old, *ref_in = Plain ? nullptr : d.ref, *adv_in = d.adv;
+    const int32_t* step_in = d.step;
     const T lowest = -std::numeric_limits<T>::infinity();
-    // Local copies: the gradient stores through g_out could alias anything reached by
-    // reference, which would force every accumulator and constant through memory each pack.
     block_sums acc = acc_out;
     P ratio_max = ratio_max_out;
-    const P inv_norm = rc.inv_norm, beta = rc.beta, row_weight = rc.row_weight, row_rho = rc.row_rho;
-    const clip_params clip = rc.clip;
+    const P beta = rc.beta, row_weight = rc.row_weight, row_grad_weight = rc.row_grad_weight, row_rho = rc.row_rho;
+    const clip_params clip = Plain ? clip_params{rc.clip.low, rc.clip.high, false, 0.0} : rc.clip;
     for (int64_t j = j0; j < j_end; j += W) {
       auto on = P(1) != P(0);  // all true
       P on01(1);
       if constexpr (!AllOn) {
-        on = used_lanes(d, j, drop_nonfinite_);
+        on = used_lanes(d, j, drop);
         on01 = simd::select(on, P(1), P(0));
-        if (d.step && !s.all_slots_on) {
-          on01 = on01 * lookup(s.slot_on_t, d.step, on01, j);
+        if (slot_gate) {
+          on01 = on01 * lookup<false>(s.slot_on_t, step_in, on01, j, one_register);
           on = on01 != P(0);
         }
       }
@@ -653,29 +684,32 @@ class policy_loss_kernel {
           return simd::select(on, x, off);
         }
       };
+      auto table = [&](const T* t) { return lookup<AllOn>(t, step_in, on01, j, one_register); };
       const P zero(0);
-      const P logp = keep(simd::load(d.logp + j), zero);
-      const P a = by_step_ ? lookup(s.adv_t, d.step, on01, j) : keep(simd::load(d.adv + j), zero);
-      const token_ratio<P> tr = importance_ratio(logp, keep(simd::load(d.old + j), zero));
+      const P logp = keep(simd::load(logp_in + j), zero);
+      const P a = by_step ? table(s.adv_t) : keep(simd::load(adv_in + j), zero);
+      const token_ratio<P> tr = importance_ratio(logp, keep(simd::load(old_in + j), zero));
       P rho = tr.rho, dlogrho = tr.slope;
-      if (o_.ratio != ratio_level::token) {
+      if (grouped_ratio) {
         // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1;
         // the exponentials come from the row's table (no_group_rho: the token's own ratio).
-        const P group_rho = step_ratio ? lookup(s.group_rho_t, d.step, on01, j) : row_rho;
+        const P group_rho = step_ratio ? table(s.group_rho_t) : row_rho;
         const auto grouped = group_rho > zero;
         rho = simd::select(grouped, group_rho, rho);
         dlogrho = simd::select(grouped, P(1), dlogrho);
       }
       const surrogate_value<P> sv = clipped_surrogate(a, rho, dlogrho, clip);
       P l = sv.loss, dl = sv.slope;
-      if (d.ref) {
-        const kl_value<P> kv = kl_penalty(logp, keep(simd::load(d.ref + j), zero), o_.kl);
+      if (ref_in) {
+        const kl_value<P> kv = kl_penalty(logp, keep(simd::load(ref_in + j), zero), kl);
         l = l + beta * kv.k;
         dl = dl + beta * kv.slope;
         acc.kl_ref = acc.kl_ref + kv.k;
       }
-      const P w = per_token_weight ? lookup(s.weight_t, d.step, on01, j) : keep(row_weight, zero);
-      simd::store(g_out + j, keep(w * inv_norm * dl, zero));
+      // w: the token's aggregation weight; the gradient's weight is w / norm.
+      const P w = per_token_weight ? table(s.weight_t) : keep(row_weight, zero);
+      const P gw = per_token_weight ? table(s.grad_weight_t) : keep(row_grad_weight, zero);
+      simd::store(g_out + j, keep(gw * dl, zero));
       acc.loss = acc.loss + w * l;
       acc.ratio = acc.ratio + keep(rho, zero);
       ratio_max = simd::max(ratio_max, keep(rho, P(lowest)));
@@ -703,12 +737,13 @@ class policy_loss_kernel {
 
   void compute_row(int64_t i, scratch& s, chunk_sums& out) const {
     row_tables(i, s);
-    row_constants rc{clip_params{o_.clip_low, o_.clip_high, o_.dual_clip, o_.dual_clip_c}, P(static_cast<T>(inv_norm_)),
-                     P(static_cast<T>(o_.kl_coef)), P(static_cast<T>(s.weight_table[0])),
+    row_constants rc{clip_params{o_.clip_low, o_.clip_high, o_.dual_clip, o_.dual_clip_c},
+                     P(static_cast<T>(o_.kl_coef)), P(s.weight_t[0]), P(s.grad_weight_t[0]),
                      P(s.group_rho_t[0])};  // sequence ratio: one ratio per row
     // A tile the scan found fully on runs without masking when nothing else can switch a
     // token off.
     const bool fast_ok = !drop_nonfinite_ && (!have_step_ || s.all_slots_on);
+    const bool plain = o_.ratio == ratio_level::token && !use_ref_ && !o_.dual_clip && o_.agg != aggregation::step_mean;
     P ratio_max(-std::numeric_limits<T>::infinity());
     for (int64_t t0 = 0; t0 < T_; t0 += tile) {
       const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
@@ -730,19 +765,23 @@ class policy_loss_kernel {
       // Sums run in packs of T over a short block, then flush to double: they stay within
       // float rounding of the per-token values, without a horizontal add per pack.
       // The three clip counts share one accumulator, low + 2^8 high + 2^16 dual: a block has
-      // at most 8 W <= 128 tokens, so the sum stays below 2^24, exact in float.
+      // 128 tokens, so each field stays below 2^8 and the sum below 2^24, exact in float.
       // Off tokens (mask 0, padding, dropped) get logp = old = ref = 0 and a = w = 0: then
       // delta = 0, rho = 1, k = 0, nothing is clipped and every sum but the ratio ones
       // needs no mask of its own, whatever the off tokens held (NaN padding included).
-      constexpr int64_t block = 8 * W;  // packs summed in T before the flush to double
+      constexpr int64_t block = sum_block;
       const bool all_on = fast_ok && state == tile_all_on;
       block_sums acc;
       for (int64_t j0 = 0; j0 < padded; j0 += block) {
         const int64_t j_end = std::min(padded, j0 + block);
-        if (all_on)
-          compute_block<true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        if (all_on && plain)
+          compute_block<true, true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        else if (all_on)
+          compute_block<true, false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        else if (plain)
+          compute_block<false, true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
         else
-          compute_block<false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+          compute_block<false, false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
         flush_block(acc, out);
       }
       if (!direct_out)

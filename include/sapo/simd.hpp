@@ -40,6 +40,7 @@ SAPO_HOST_DEVICE T max(T a, T b) {
 SAPO_HOST_DEVICE float exp(float x) { return ::expf(x); }
 SAPO_HOST_DEVICE double exp(double x) { return ::exp(x); }
 SAPO_HOST_DEVICE bool any(bool x) { return x; }
+SAPO_HOST_DEVICE bool all(bool x) { return x; }
 SAPO_HOST_DEVICE double horizontal_sum(float x) { return x; }
 SAPO_HOST_DEVICE double horizontal_sum(double x) { return x; }
 
@@ -65,6 +66,10 @@ xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) {
 template <class T, class A>
 bool any(const xsimd::batch_bool<T, A>& x) {
   return xsimd::any(x);
+}
+template <class T, class A>
+bool all(const xsimd::batch_bool<T, A>& x) {
+  return xsimd::all(x);
 }
 template <class T, class A>
 double horizontal_sum(const xsimd::batch<T, A>& x) {
