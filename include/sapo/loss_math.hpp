@@ -54,6 +54,7 @@ struct surrogate_value {
   using mask = decltype(V(0) < V(0));
   V loss;   // l
   V slope;  // dl / dlogp
+  mask clipped;                          // the clipped branch won (strictly): rho < 1-low or rho > 1+high
   mask clipped_low, clipped_high, dual;  // which clipped branch won (strictly)
 };
 
@@ -67,8 +68,8 @@ SAPO_HOST_DEVICE surrogate_value<V> clipped_surrogate(V a, V rho, V dlogrho, con
   const V clipped = -a * clamp(rho, lo, hi);
   const auto take_clipped = unclipped < clipped;
   surrogate_value<V> v{simd::select(take_clipped, clipped, unclipped),
-                       simd::select(take_clipped, V(0), unclipped * dlogrho), take_clipped && (rho < lo),
-                       take_clipped && (rho > hi),
+                       simd::select(take_clipped, V(0), unclipped * dlogrho), take_clipped,
+                       take_clipped && (rho < lo), take_clipped && (rho > hi),
                        typename surrogate_value<V>::mask(false)};
   if (c.dual) {
     const V cap = -a * V(c.dual_c);

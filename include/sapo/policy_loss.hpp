@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.hpp"
@@ -480,7 +481,8 @@ class policy_loss_kernel {
       good = good && (off || (finite(simd::load(logp + j) - simd::load(old + j)) && m == P(1)));
       if constexpr (Steps) steps.add(step + j, off, K, wide);
     }
-    for (const T* x : {d.ref, d.adv})
+    const T* optional_inputs[] = {d.ref, d.adv};
+    for (const T* x : optional_inputs)
       if (x)
         for (int64_t j = 0; j < padded; j += W) good = good && ((simd::load(mask + j) == P(0)) || finite(simd::load(x + j)));
     return simd::all(good) && (!Steps || steps.finish(d, n, K, seen));
@@ -641,20 +643,27 @@ class policy_loss_kernel {
     P beta, row_weight, row_grad_weight, row_rho;
   };
 
+  /// Which options a compute loop tests at run time. The plain loops are the default loss
+  /// (token ratio, no KL, no dual clip, one weight per row) with per-token advantages or
+  /// with step advantages from a table of at most 8 slots; they test no option at all.
+  enum class loop_kind { general, plain_token_advantages, plain_step_table };
+
   /// Packs [j0, j_end) of one tile. AllOn: every lane is a used token (the scan saw mask 1
   /// throughout, no token is dropped, every step advantage is finite), so the selects
-  /// that switch off tokens fall away. Plain: the default loss (token ratio, no KL, no dual
-  /// clip, one weight per row), whose loop then carries no tests for the other options.
-  /// Either way the arithmetic is the same, so the results are too.
-  template <bool AllOn, bool Plain>
+  /// that switch off tokens fall away. Kind: see loop_kind. Whatever the instantiation, the
+  /// arithmetic is the same, so the results are too.
+  template <bool AllOn, loop_kind Kind>
   void compute_block(const tile_data& d, const scratch& s, const row_constants& rc, int64_t j0, int64_t j_end,
                      T* g_out, block_sums& acc_out, P& ratio_max_out) const {
     // Everything the loop consults goes into locals first: the gradient stores through g_out
     // could alias anything reached through `this` or a reference, which would reload every
     // option, pointer, accumulator and constant from memory on each pack.
+    constexpr bool Plain = Kind != loop_kind::general;
     const bool per_token_weight = !Plain && o_.agg == aggregation::step_mean;
     const bool grouped_ratio = !Plain && o_.ratio != ratio_level::token, step_ratio = o_.ratio == ratio_level::step;
-    const bool by_step = by_step_, drop = drop_nonfinite_, one_register = slots_ <= 8;
+    const bool by_step = Plain ? Kind == loop_kind::plain_step_table : by_step_;
+    const bool one_register = Plain ? true : slots_ <= 8;
+    const bool drop = drop_nonfinite_;
     const bool slot_gate = d.step && !s.all_slots_on;
     const kl_estimator kl = o_.kl;
     const T *logp_in = d.logp, *old_in = d.old, *ref_in = Plain ? nullptr : d.ref, *adv_in = d.adv;
@@ -664,6 +673,7 @@ class policy_loss_kernel {
     P ratio_max = ratio_max_out;
     const P beta = rc.beta, row_weight = rc.row_weight, row_grad_weight = rc.row_grad_weight, row_rho = rc.row_rho;
     const clip_params clip = Plain ? clip_params{rc.clip.low, rc.clip.high, false, 0.0} : rc.clip;
+    const P clip_lo(static_cast<T>(1.0 - clip.low));
     for (int64_t j = j0; j < j_end; j += W) {
       auto on = P(1) != P(0);  // all true
       P on01(1);
@@ -715,11 +725,24 @@ class policy_loss_kernel {
       ratio_max = simd::max(ratio_max, keep(rho, P(lowest)));
       acc.kl_old = acc.kl_old - tr.delta;
       acc.kl_old_k3 = acc.kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
-      acc.clips = acc.clips + simd::select(sv.clipped_low, P(1), zero) + simd::select(sv.clipped_high, P(256), zero) +
+      // A clipped branch wins only outside [1 - low, 1 + high]: one select picks the field.
+      acc.clips = acc.clips + simd::select(sv.clipped, simd::select(rho < clip_lo, P(1), P(256)), zero) +
                   simd::select(sv.dual, P(65536), zero);
     }
     acc_out = acc;
     ratio_max_out = ratio_max;
+  }
+
+  template <bool AllOn, class... Args>
+  void compute_block_of_kind(loop_kind kind, Args&&... args) const {
+    switch (kind) {
+      case loop_kind::plain_step_table:
+        return compute_block<AllOn, loop_kind::plain_step_table>(std::forward<Args>(args)...);
+      case loop_kind::plain_token_advantages:
+        return compute_block<AllOn, loop_kind::plain_token_advantages>(std::forward<Args>(args)...);
+      case loop_kind::general:
+        return compute_block<AllOn, loop_kind::general>(std::forward<Args>(args)...);
+    }
   }
 
   static void flush_block(block_sums& acc, chunk_sums& out) {
@@ -744,6 +767,9 @@ class policy_loss_kernel {
     // token off.
     const bool fast_ok = !drop_nonfinite_ && (!have_step_ || s.all_slots_on);
     const bool plain = o_.ratio == ratio_level::token && !use_ref_ && !o_.dual_clip && o_.agg != aggregation::step_mean;
+    const loop_kind kind = !plain      ? loop_kind::general
+                           : !by_step_ ? loop_kind::plain_token_advantages
+                                       : (slots_ <= 8 ? loop_kind::plain_step_table : loop_kind::general);
     P ratio_max(-std::numeric_limits<T>::infinity());
     for (int64_t t0 = 0; t0 < T_; t0 += tile) {
       const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
@@ -774,14 +800,10 @@ class policy_loss_kernel {
       block_sums acc;
       for (int64_t j0 = 0; j0 < padded; j0 += block) {
         const int64_t j_end = std::min(padded, j0 + block);
-        if (all_on && plain)
-          compute_block<true, true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
-        else if (all_on)
-          compute_block<true, false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
-        else if (plain)
-          compute_block<false, true>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+        if (all_on)
+          compute_block_of_kind<true>(kind, d, s, rc, j0, j_end, g_out, acc, ratio_max);
         else
-          compute_block<false, false>(d, s, rc, j0, j_end, g_out, acc, ratio_max);
+          compute_block_of_kind<false>(kind, d, s, rc, j0, j_end, g_out, acc, ratio_max);
         flush_block(acc, out);
       }
       if (!direct_out)
