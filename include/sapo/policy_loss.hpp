@@ -488,6 +488,19 @@ class policy_loss_kernel {
     return simd::all(good) && (!Steps || steps.finish(d, n, K, seen));
   }
 
+  /// One used token of step st (-1: none) into the per-step counts and delta sums (either may
+  /// be null; slot 0 takes every token).
+  static void count_token(int32_t* cnt, double* dsum, int32_t st, T delta) {
+    if (cnt) {
+      ++cnt[0];
+      if (st >= 0) ++cnt[st + 1];
+    }
+    if (dsum) {
+      dsum[0] += static_cast<double>(delta);
+      if (st >= 0) dsum[st + 1] += static_cast<double>(delta);
+    }
+  }
+
   void scan_row(int64_t i, scratch& s, chunk_counts& c) const {
     // A non-finite step advantage matters only if a token of its step takes part: the
     // exact path finds out.
@@ -523,15 +536,7 @@ class policy_loss_kernel {
       // Per-step token counts and delta sums (slot 0: every used token), token by token.
       for (int64_t j = 0; j < n; ++j) {
         if (d.mask[j] == T(0)) continue;
-        const int32_t st = d.step ? d.step[j] : -1;
-        if (cnt) {
-          ++cnt[0];
-          if (st >= 0) ++cnt[st + 1];
-        }
-        if (dsum) {
-          dsum[0] += static_cast<double>(s.delta[j]);
-          if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
-        }
+        count_token(cnt, dsum, d.step ? d.step[j] : -1, s.delta[j]);
       }
     }
     if (suspicious) {
@@ -567,14 +572,7 @@ class policy_loss_kernel {
         if (s.on[j] == T(0) || (st >= 0 && !std::isfinite(s.adv_table[st + 1]))) continue;
         ++tokens;
         if (st >= 0) seen |= uint64_t(1) << st;
-        if (cnt) {
-          ++cnt[0];
-          if (st >= 0) ++cnt[st + 1];
-        }
-        if (dsum) {
-          dsum[0] += static_cast<double>(s.delta[j]);
-          if (st >= 0) dsum[st + 1] += static_cast<double>(s.delta[j]);
-        }
+        count_token(cnt, dsum, st, s.delta[j]);
       }
     }
     c.nonfinite += nonfinite;
