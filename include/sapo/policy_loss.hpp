@@ -126,8 +126,8 @@ struct chunk_sums {
 ///   scan:    read-only; validates every used value (SIMD), counts tokens / rows / steps
 ///            and sums delta per (row, step) -- O(B K) memory -- so the normalizers and
 ///            the step ratios are known, and nothing is written if an input is rejected;
-///   compute: the per-token table lookups (step advantage, step weight, step ratio) in a
-///            short scalar loop, then the branch-free SIMD formulas of loss_math.hpp;
+///   compute: the per-token table lookups (step advantage, step weight, step ratio; a lane
+///            permute on AVX2), then the branch-free SIMD formulas of loss_math.hpp;
 ///            writes the gradient once.
 /// A strided or ragged tile is first copied into contiguous scratch, so every token goes
 /// through the same instructions whatever the layout: the results are bit-identical
@@ -660,7 +660,7 @@ class policy_loss_kernel {
     const bool per_token_weight = !Plain && o_.agg == aggregation::step_mean;
     const bool grouped_ratio = !Plain && o_.ratio != ratio_level::token, step_ratio = o_.ratio == ratio_level::step;
     const bool by_step = Plain ? Kind == loop_kind::plain_step_table : by_step_;
-    const bool one_register = Plain ? true : slots_ <= 8;
+    const bool one_register = Kind == loop_kind::plain_step_table || slots_ <= 8;
     const bool drop = drop_nonfinite_;
     const bool slot_gate = d.step && !s.all_slots_on;
     const kl_estimator kl = o_.kl;

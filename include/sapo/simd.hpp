@@ -39,7 +39,6 @@ SAPO_HOST_DEVICE T max(T a, T b) {
 }
 SAPO_HOST_DEVICE float exp(float x) { return ::expf(x); }
 SAPO_HOST_DEVICE double exp(double x) { return ::exp(x); }
-SAPO_HOST_DEVICE bool any(bool x) { return x; }
 SAPO_HOST_DEVICE bool all(bool x) { return x; }
 SAPO_HOST_DEVICE double horizontal_sum(float x) { return x; }
 SAPO_HOST_DEVICE double horizontal_sum(double x) { return x; }
@@ -62,10 +61,6 @@ xsimd::batch<T, A> max(const xsimd::batch<T, A>& a, const xsimd::batch<T, A>& b)
 template <class T, class A>
 xsimd::batch<T, A> exp(const xsimd::batch<T, A>& x) {
   return xsimd::exp(x);
-}
-template <class T, class A>
-bool any(const xsimd::batch_bool<T, A>& x) {
-  return xsimd::any(x);
 }
 template <class T, class A>
 bool all(const xsimd::batch_bool<T, A>& x) {
