@@ -17,11 +17,13 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "advantages.hpp"
 #include "checks.hpp"
 #include "parallel.hpp"
 #include "rewards.hpp"
+#include "simd.hpp"
 #include "segment.hpp"
 #include "view.hpp"
 
@@ -56,14 +58,21 @@ void broadcast_own_step_ids(mat_view<A> adv, mat_view<const int32_t> step, mat_v
   const int64_t B = step.rows, T = step.cols, K = adv.cols;
   const row_chunks chunks(B, T);
   parallel_for_chunks(chunks.count, num_threads, [&](int64_t c) {
-    O table[max_steps + 1];
-    table[0] = O(0);
+    O table[max_steps + 1] = {};  // slot 0: no step; the SIMD lookup reads 8 slots whatever K
     for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
       for (int64_t k = 0; k < K; ++k) table[k + 1] = static_cast<O>(adv(i, k));
       const int32_t* s = step.data + i * step.row_stride;
       O* out = token_adv.data + i * token_adv.row_stride;
       if (step.col_stride == 1 && token_adv.col_stride == 1) {
-        for (int64_t t = 0; t < T; ++t) out[t] = table[s[t] + 1];
+        int64_t t = 0;
+#if SAPO_HAS_XSIMD && defined(__AVX2__)
+        if constexpr (std::is_same<O, float>::value) {
+          using I = xsimd::batch<int32_t>;  // as many lanes as float
+          if (K + 1 <= 8)
+            for (; t + 8 <= T; t += 8) simd::store(out + t, simd::lookup8(table, I::load_unaligned(s + t) + I(1)));
+        }
+#endif
+        for (; t < T; ++t) out[t] = table[s[t] + 1];
       } else {
         for (int64_t t = 0; t < T; ++t) out[t * token_adv.col_stride] = table[s[t * step.col_stride] + 1];
       }

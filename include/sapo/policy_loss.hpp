@@ -243,7 +243,7 @@ class policy_loss_kernel {
       using I = xsimd::batch<int32_t>;  // as many lanes as float
       I slot = I::load_unaligned(step + j) + I(1);
       if constexpr (!AllOn) slot = slot * xsimd::batch_cast<int32_t>(on01);
-      if (one_register) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), slot);
+      if (one_register) return simd::lookup8(table, slot);
       // The intrinsic itself: xsimd 8.1's batch::gather misses its AVX2 overload.
       return _mm256_i32gather_ps(table, slot, sizeof(float));
     }

@@ -83,6 +83,13 @@ void store(T* p, const pack<T>& v) {
 }
 template <class T>
 constexpr std::size_t lanes = pack<T>::size;
+#if defined(__AVX2__)
+/// table[index] for 8 lanes at once, from a table of at most 8 floats (the memory holds 8
+/// readable floats): it sits in one register and a lane permute (vpermps) looks it up.
+inline pack<float> lookup8(const float* table, const xsimd::batch<int32_t>& index) {
+  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), index);
+}
+#endif
 #else
 template <class T>
 using pack = T;
