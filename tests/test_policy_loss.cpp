@@ -133,6 +133,34 @@ TEST_CASE("policy_loss by hand: one token per branch", "[loss]") {
   REQUIRE(r.ratio_max == Approx(4.0));
 }
 
+TEMPLATE_TEST_CASE("policy_loss by hand: a log-ratio beyond +-20 is clamped and passes no gradient", "[loss]",
+                   float, double) {
+  using T = TestType;
+  // delta = 25 and -25 are clamped to +-20 (SPEC §4): the unclipped branch wins, but
+  // log(rho) no longer moves with logp, so the gradient is 0. At exactly +-20 the clamp is
+  // the identity (a closed interval, as torch.clamp) and the gradient is -a rho / N.
+  // a = -1, rho = e^20: unclipped e^20 > clipped 1.2; a = +1, rho = e^-20: -e^-20 > -0.8.
+  const T logp[] = {25, -25, 20, -20};
+  const T old[] = {0, 0, 0, 0};
+  const T adv[] = {-1, 1, -1, 1};
+  const T mask[] = {1, 1, 1, 1};
+  T grad[4] = {7, 7, 7, 7};
+  sapo::policy_inputs<T> in;
+  in.logp = {logp, 1, 4};
+  in.old_logp = {old, 1, 4};
+  in.token_advantages = {adv, 1, 4};
+  in.mask = {mask, 1, 4};
+  const auto r = sapo::policy_loss(in, sapo::loss_options{}, sapo::mat_view<T>(grad, 1, 4));
+  const double e20 = std::exp(20.0);
+  REQUIRE(r.loss == Approx((2 * e20 - 2 / e20) / 4));
+  REQUIRE(grad[0] == T(0));
+  REQUIRE(grad[1] == T(0));
+  REQUIRE(grad[2] == Approx(e20 / 4));
+  REQUIRE(grad[3] == Approx(-1 / e20 / 4));
+  REQUIRE(r.clip_frac_low == 0.0);
+  REQUIRE(r.clip_frac_high == 0.0);
+}
+
 TEMPLATE_TEST_CASE("policy_loss with K = 64 steps (the largest K)", "[loss]", float, double) {
   // One token per step in one row: step_mean over 64 present steps, step 63 included (the
   // float SIMD scan collects steps 32..63 in a lane set of their own).

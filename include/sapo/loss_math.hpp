@@ -30,9 +30,10 @@ SAPO_HOST_DEVICE V clamp(V x, V lo, V hi) {
 
 template <class V>
 struct token_ratio {
-  V delta;  // clamp(logp - old_logp, -20, 20)
-  V rho;    // exp(delta)
-  V slope;  // d log(rho) / d logp: 1 inside the clamp (closed interval, as torch.clamp), else 0
+  using mask = decltype(V(0) < V(0));
+  V delta;     // clamp(logp - old_logp, -20, 20)
+  V rho;       // exp(delta)
+  mask moves;  // d log(rho) / d logp is 1 (inside the clamp, a closed interval as torch.clamp), else 0
 };
 
 template <class V>
@@ -40,7 +41,8 @@ SAPO_HOST_DEVICE token_ratio<V> importance_ratio(V logp, V old_logp) {
   const V d = logp - old_logp;
   const V bound(log_ratio_bound);
   const V delta = clamp(d, -bound, bound);
-  return {delta, simd::exp(delta), simd::select((d >= -bound) && (d <= bound), V(1), V(0))};
+  // The clamp left d alone exactly when d lies in [-bound, bound]: one compare for both ends.
+  return {delta, simd::exp(delta), d == delta};
 }
 
 struct clip_params {
@@ -59,16 +61,20 @@ struct surrogate_value {
 };
 
 /// l = max(-a rho, -a clip(rho, 1-low, 1+high)); for a < 0 with dual clip, min(l, -a c).
-/// dl/dlogp = -a rho dlogrho on the unclipped branch (ties included), 0 on a clipped one,
-/// where dlogrho = d log(rho) / d logp.
-template <class V>
-SAPO_HOST_DEVICE surrogate_value<V> clipped_surrogate(V a, V rho, V dlogrho, const clip_params& c) {
+/// dl/dlogp = -a rho on the unclipped branch (ties included) where log(rho) moves with
+/// logp (d log(rho) / d logp = 1), 0 on a clipped branch or where it does not (a clamped
+/// log-ratio: slope 0).
+template <class V, class Mask>
+SAPO_HOST_DEVICE surrogate_value<V> clipped_surrogate(V a, V rho, Mask moves, const clip_params& c) {
   const V lo(1.0 - c.low), hi(1.0 + c.high);
   const V unclipped = -a * rho;
   const V clipped = -a * clamp(rho, lo, hi);
   const auto take_clipped = unclipped < clipped;
+  // Its complement as a compare of its own (l is finite wherever it matters): negating a
+  // SIMD mask costs more than a compare.
+  const auto take_unclipped = clipped <= unclipped;
   surrogate_value<V> v{simd::select(take_clipped, clipped, unclipped),
-                       simd::select(take_clipped, V(0), unclipped * dlogrho), take_clipped,
+                       simd::select(moves && take_unclipped, unclipped, V(0)), take_clipped,
                        take_clipped && (rho < lo), take_clipped && (rho > hi),
                        typename surrogate_value<V>::mask(false)};
   if (c.dual) {

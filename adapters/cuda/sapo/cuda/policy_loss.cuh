@@ -246,16 +246,17 @@ __global__ void loss_compute_kernel(const loss_params<T, M, G> p) {
     const int slot = on ? s + 1 : 0;
     const T a = p.by_step ? adv_t[slot] : a_tok;
     const core::token_ratio<T> tr = core::importance_ratio(logp, old);
-    T rho = tr.rho, dlogrho = tr.slope;
+    T rho = tr.rho;
+    bool moves = tr.moves;
     if (grouped_ratio) {
       // Step / sequence ratio in the stop-gradient form: value exp(mean delta), slope 1.
       const T g = step_ratio ? group_t[slot] : row_delta;
       if (g < static_cast<T>(loss_no_group)) {
         rho = sapo::simd::exp(g);
-        dlogrho = T(1);
+        moves = true;
       }
     }
-    const core::surrogate_value<T> sv = core::clipped_surrogate(a, rho, dlogrho, clip);
+    const core::surrogate_value<T> sv = core::clipped_surrogate(a, rho, moves, clip);
     T l = sv.loss, dl = sv.slope;
     if (p.use_ref) {
       const core::kl_value<T> kv = core::kl_penalty(logp, ref, o.kl);
