@@ -197,7 +197,8 @@ TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, m
   // drops the masking selects in tiles it found fully used: rows here have whole tiles of
   // each kind (with NaN in the padding, which must never be read into a sum), tiles cut by
   // the end of a response, and a row of padding only. K = 4 takes the SIMD per-step sums of
-  // the scan, K = 9 the scalar ones.
+  // the scan, K = 9 the scalar ones; the last row has whole tiles of one step each (the
+  // scan's one-pass sums), of step -1, 0 and K - 1.
   const int64_t K = GENERATE(4, 9);
   const auto ratio = GENERATE(sapo::ratio_level::token, sapo::ratio_level::step, sapo::ratio_level::sequence);
   const auto agg = GENERATE(sapo::aggregation::token_mean, sapo::aggregation::seq_mean_token_mean,
@@ -205,11 +206,11 @@ TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, m
   const bool with_ref = GENERATE(false, true);
   const Layout layout = GENERATE(Layout::contiguous, Layout::strided);
   CAPTURE(K, static_cast<int>(ratio), static_cast<int>(agg), with_ref, name(layout));
-  const int64_t B = 6, T = 1100;  // 4 whole tiles and a ragged one
+  const int64_t B = 7, T = 1100;  // 4 whole tiles and a ragged one
   // Used range [begin, end) of each row; step ids run in K contiguous runs over it, with
   // step -1 on its first 3 tokens (a prompt) and its last one (a tail).
-  const int64_t begin[B] = {0, 0, 300, 0, 0, 17};
-  const int64_t end[B] = {1100, 513, 1100, 0, 256, 1024};
+  const int64_t begin[B] = {0, 0, 300, 0, 0, 17, 0};
+  const int64_t end[B] = {1100, 513, 1100, 0, 256, 1024, 1100};
   std::mt19937_64 rng(77 + static_cast<uint64_t>(K));
   LossProblem p;
   p.B = B;
@@ -227,6 +228,7 @@ TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, m
       p.mask[size_t(i)][size_t(t)] = 1;
       const int64_t u = t - begin[i];
       if (u >= 3 && u < n - 1) p.step[size_t(i)][size_t(t)] = std::min<int64_t>(K - 1, (u - 3) * K / (n - 4));
+      if (i == B - 1) p.step[size_t(i)][size_t(t)] = t < 256 ? -1 : t < 768 ? 0 : t < 1024 ? K - 1 : -1;
     }
   }
   p.token_adv = sapo_ref::broadcast(p.step_adv, p.step, p.mask);
@@ -249,7 +251,7 @@ TEMPLATE_TEST_CASE("policy_loss on long rows: padding tiles, fully used tiles, m
     const sapo_ref::LossResult want = reference_loss(rounded, opt, with_ref);
     const bool f = std::is_same<TestType, float>::value;
     const double tol = f ? 2e-6 : 1e-12;
-    REQUIRE(got.n_tokens == 1100 + 513 + 800 + 256 + 1007);
+    REQUIRE(got.n_tokens == 1100 + 513 + 800 + 256 + 1007 + 1100);
     require_close(got.loss, want.loss, tol, tol);
     require_close(to_ref(buf.grad), rounded_to(want.grad, f), tol, f ? 1e-9 : 1e-15);
     require_diagnostics(got, want, tol);

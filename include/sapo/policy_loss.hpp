@@ -151,6 +151,7 @@ class policy_loss_kernel {
   // token needs no masking selects; anything else (and every tile of a row that took the
   // exact path) goes through the general loop.
   static constexpr uint8_t tile_mixed = 0, tile_off = 1, tile_all_on = 2;
+  static constexpr int32_t no_single_step = std::numeric_limits<int32_t>::min();
 
   policy_loss_kernel(const policy_inputs<T, M>& in, const loss_options& o, mat_view<G> grad, int64_t K)
       : in_(in), o_(o), grad_(grad), B_(in.logp.rows), T_(in.logp.cols), K_(K), slots_(K + 1) {
@@ -367,11 +368,12 @@ class policy_loss_kernel {
     return finite_row;
   }
 
-  /// Range check of the step ids of on tokens, and the set of steps present (bit k), for
-  /// one tile. With AVX2 and float it runs pack by pack inside the scan's finite-check loop
-  /// (add), so each input is loaded once per tile: 8 int32 lanes beside 8 float ones, off
-  /// tokens become step -1 and a variable shift sets bit `step` (vpsllvd gives 0 for
-  /// shifts of 32 or more, and of -1). Elsewhere finish() checks the tile token by token.
+  /// Range check of the step ids of on tokens, the set of steps present (bit k) and the
+  /// smallest and largest id, for one tile. With AVX2 and float it runs pack by pack inside
+  /// the scan's finite-check loop (add), so each input is loaded once per tile: 8 int32
+  /// lanes beside 8 float ones, off tokens become step -1 and a variable shift sets bit
+  /// `step` (vpsllvd gives 0 for shifts of 32 or more, and of -1). Elsewhere finish()
+  /// checks the tile token by token.
   struct step_check {
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
     static constexpr bool vector = std::is_same<T, float>::value;
@@ -379,7 +381,7 @@ class policy_loss_kernel {
     static constexpr bool vector = false;
 #endif
     using I = std::conditional_t<vector, simd::pack<int32_t>, int32_t>;
-    I low = I(0), high = I(0), bad = I(0);
+    I low = I(0), high = I(0), min_id = I(std::numeric_limits<int32_t>::max()), max_id = I(-1);
 
     /// The W step ids at `step`; `off`: the lanes whose mask is 0.
     template <class Off>
@@ -387,7 +389,8 @@ class policy_loss_kernel {
 #if SAPO_HAS_XSIMD && defined(__AVX2__)
       if constexpr (vector) {
         const I st = xsimd::select(xsimd::batch_bool<int32_t>(_mm256_castps_si256(off)), I(-1), I::load_unaligned(step));
-        bad = bad | I(((st < I(-1)) || (st >= I(K))).data);  // all bits set in a bad lane
+        min_id = xsimd::min(min_id, st);  // the range check, in finish()
+        max_id = xsimd::max(max_id, st);
         low = low | (I(1) << st);
         if (wide) high = high | (I(1) << (st - I(32)));
         return;
@@ -396,26 +399,34 @@ class policy_loss_kernel {
       (void)step, (void)off, (void)K, (void)wide;
     }
 
-    /// Returns false on an id outside [-1, K); otherwise adds the tile's steps to `seen`.
-    bool finish(const tile_data& d, int64_t n, int32_t K, uint64_t& seen) const {
+    /// Returns false on an id outside [-1, K); otherwise adds the tile's steps to `seen` and
+    /// sets `only_step` to the one id of every token when there is one (off tokens count as
+    /// -1), else to no_single_step.
+    bool finish(const tile_data& d, int64_t n, int32_t K, uint64_t& seen, int32_t& only_step) const {
+      int32_t smallest = std::numeric_limits<int32_t>::max(), largest = -1;
       if constexpr (vector) {
-        alignas(64) int32_t lo[W], hi[W], b[W];
+        alignas(64) int32_t lo[W], hi[W], mn[W], mx[W];
         simd::store(lo, low);
         simd::store(hi, high);
-        simd::store(b, bad);
+        simd::store(mn, min_id);
+        simd::store(mx, max_id);
         for (int64_t k = 0; k < W; ++k) {
-          if (b[k]) return false;
+          smallest = std::min(smallest, mn[k]);
+          largest = std::max(largest, mx[k]);
           seen |= static_cast<uint64_t>(static_cast<uint32_t>(lo[k])) |
                   (static_cast<uint64_t>(static_cast<uint32_t>(hi[k])) << 32);
         }
+        if (smallest < -1 || largest >= K) return false;
       } else {
         for (int64_t j = 0; j < n; ++j) {
-          if (d.mask[j] == T(0)) continue;
-          const int32_t st = d.step[j];
+          const int32_t st = d.mask[j] == T(0) ? -1 : d.step[j];
           if (st < -1 || st >= K) return false;
           if (st >= 0) seen |= uint64_t(1) << st;
+          smallest = std::min(smallest, st);
+          largest = std::max(largest, st);
         }
       }
+      only_step = smallest == largest ? smallest : no_single_step;
       return true;
     }
   };
@@ -425,6 +436,24 @@ class policy_loss_kernel {
 #else
   static constexpr bool vector_step_sums = false;
 #endif
+
+  /// step_sums for a tile whose every token is used and in slot `slot`: the same float sums
+  /// over the same blocks as step_sums, so the same bits, in one pass instead of one per slot.
+  void one_step_sums(const scratch& s, int64_t padded, int64_t slot, int32_t* cnt, double* dsum) const {
+    if (cnt) {
+      cnt[0] += static_cast<int32_t>(padded);
+      if (slot > 0) cnt[slot] += static_cast<int32_t>(padded);
+    }
+    if (!dsum) return;
+    constexpr int64_t block = 8 * W;
+    for (int64_t j0 = 0; j0 < padded; j0 += block) {
+      P sum(0);
+      for (int64_t j = j0; j < std::min(padded, j0 + block); j += W) sum = sum + simd::load(s.delta + j);
+      const double block_sum = simd::horizontal_sum(sum);
+      dsum[0] += block_sum;
+      if (slot > 0) dsum[slot] += block_sum;
+    }
+  }
 
   /// Per-step token counts (cnt, slot k + 1 = step k, slot 0 = every token) and delta sums
   /// (dsum, may be null) of the used tokens of one tile whose step ids passed step_check,
@@ -464,9 +493,10 @@ class policy_loss_kernel {
   }
 
   /// The scan's checks of one tile: every mask value 0 or 1, finite inputs wherever it is
-  /// 1, and with Steps the step ids (collected into `seen`). False if anything is wrong.
+  /// 1, and with Steps the step ids (collected into `seen`, the one id of them all into
+  /// `only_step`: see step_check::finish). False if anything is wrong.
   template <bool Steps>
-  bool check_tile(const tile_data& d, int64_t n, int64_t padded, uint64_t& seen) const {
+  bool check_tile(const tile_data& d, int64_t n, int64_t padded, uint64_t& seen, int32_t& only_step) const {
     const int32_t K = static_cast<int32_t>(K_);
     const bool wide = K > 32;
     const T *mask = d.mask, *logp = d.logp, *old = d.old;
@@ -485,7 +515,7 @@ class policy_loss_kernel {
     for (const T* x : optional_inputs)
       if (x)
         for (int64_t j = 0; j < padded; j += W) good = good && ((simd::load(mask + j) == P(0)) || finite(simd::load(x + j)));
-    return simd::all(good) && (!Steps || steps.finish(d, n, K, seen));
+    return simd::all(good) && (!Steps || steps.finish(d, n, K, seen, only_step));
   }
 
   /// One used token of step st (-1: none) into the per-step counts and delta sums (either may
@@ -520,7 +550,9 @@ class policy_loss_kernel {
       uint8_t& state = tile_state_[static_cast<size_t>(i * tiles_per_row_ + t0 / tile)];
       state = tile_tokens == 0 ? tile_off : (tile_tokens == static_cast<double>(padded) ? tile_all_on : tile_mixed);
       if (state == tile_off) continue;
-      if (!(d.step ? check_tile<true>(d, n, padded, seen) : check_tile<false>(d, n, padded, seen))) {
+      int32_t only_step = no_single_step;
+      if (!(d.step ? check_tile<true>(d, n, padded, seen, only_step)
+                   : check_tile<false>(d, n, padded, seen, only_step))) {
         suspicious = true;
         break;
       }
@@ -529,6 +561,11 @@ class policy_loss_kernel {
           simd::store(s.delta + j, importance_ratio(simd::load(d.logp + j), simd::load(d.old + j)).delta);
       row_tokens += tile_tokens;
       if (!cnt && !dsum) continue;
+      if (d.step && state == tile_all_on && only_step != no_single_step) {
+        // The whole tile is one step (the common case: steps are spans of many tiles).
+        one_step_sums(s, padded, only_step + 1, cnt, dsum);
+        continue;
+      }
       if (d.step && slots_ <= 8 && vector_step_sums) {
         step_sums(d, s, padded, cnt, dsum);
         continue;
