@@ -26,8 +26,8 @@ struct Flags {
   bool check_only = false;
 };
 
-/// Reads and removes --sapo_quick, --sapo_threads=1,2, --sapo_reference_max_tokens=N and
-/// --sapo_check_only from argv.
+/// Reads and removes --sapo_quick, --sapo_threads=1,2, --sapo_reference_max_tokens=N,
+/// --sapo_check_only and --sapo_huge_pages (problems.hpp) from argv.
 inline Flags parse_flags(int& argc, char** argv) {
   Flags f;
   int out = 1;
@@ -41,6 +41,8 @@ inline Flags parse_flags(int& argc, char** argv) {
       f.quick = true;
     } else if (a == "--sapo_check_only") {
       f.check_only = true;
+    } else if (a == "--sapo_huge_pages") {
+      g_huge_pages = true;
     } else if (const char* v = value("--sapo_threads=")) {
       f.threads.clear();
       std::stringstream ss(v);

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <sys/mman.h>
+
 namespace sapo_bench {
 
 struct Shape {
@@ -38,15 +40,28 @@ inline std::vector<Shape> bench_shapes(bool quick) {
 /// The shape of the peak-memory measurement.
 inline Shape memory_shape() { return {2048, 4096, 4, 16}; }
 
-/// 64-byte aligned, zero-filled (so every page is touched before timing), non-copyable.
+/// --sapo_huge_pages: buffers of 2 MiB or more ask the kernel for 2 MiB pages
+/// (madvise(MADV_HUGEPAGE): transparent huge pages in "madvise" or "always" mode). Off by
+/// default: then the inputs sit on the pages a PyTorch tensor of this size gets, 4 KiB
+/// where transparent huge pages are in "madvise" mode. It shows what the page walks cost
+/// (docs/benchmarks.md); libtorch's own temporaries stay on its allocator's pages.
+inline bool g_huge_pages = false;
+
+/// 64-byte aligned (2 MiB with g_huge_pages), zero-filled (so every page is touched before
+/// timing), non-copyable.
 template <class T>
 class Buffer {
  public:
   Buffer() = default;
   explicit Buffer(size_t n) : n_(n) {
-    const size_t bytes = std::max<size_t>(64, (n * sizeof(T) + 63) / 64 * 64);
-    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    constexpr size_t huge = size_t(2) << 20;
+    const bool on_huge_pages = g_huge_pages && n * sizeof(T) >= huge;
+    const size_t align = on_huge_pages ? huge : 64;
+    const size_t bytes = std::max(align, (n * sizeof(T) + align - 1) / align * align);
+    data_ = static_cast<T*>(std::aligned_alloc(align, bytes));
     if (!data_) throw std::bad_alloc();
+    // Advice only: where the kernel has no huge pages to give, the buffer keeps small ones.
+    if (on_huge_pages) (void)madvise(data_, bytes, MADV_HUGEPAGE);
     std::memset(static_cast<void*>(data_), 0, bytes);
   }
   Buffer(const Buffer&) = delete;

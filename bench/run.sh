@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Builds and runs the benchmark suite, then summarizes it.
 #
-#   bench/run.sh [--quick] [--out DIR] [--threads "1 2"]
+#   bench/run.sh [--quick] [--out DIR] [--threads "1 2"] [--huge-pages]
 #
 #   --quick      3 shapes (64x512, 512x2048, 2048x4096), one repetition, short min time:
 #                about a minute after the build on a 2-core machine
 #   --out DIR    where the results go (default: <build>/results)
 #   --threads    thread counts to measure (default "1 2"); sapo gets loss_options.num_threads /
 #                segment_options.num_threads, libtorch torch::set_num_threads
+#   --huge-pages the inputs on 2 MiB pages (madvise; needs transparent huge pages in
+#                "madvise" or "always" mode); without it they get the default pages
 #
 # Installs the Debian packages it needs (only what is missing), configures a Release build
 # in $SAPO_BENCH_BUILD_DIR (default <repo>/build/bench; bench targets get -O3 -march=native),
@@ -22,6 +24,7 @@ usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 quick=0
 out=""
 threads="1 2"
+huge_pages=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -29,6 +32,7 @@ while [ $# -gt 0 ]; do
     --out=*) out="${1#--out=}" ;;
     --threads) threads="${2:?--threads needs a list, e.g. \"1 2\"}"; shift ;;
     --threads=*) threads="${1#--threads=}" ;;
+    --huge-pages) huge_pages=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -58,6 +62,7 @@ else
   gbench=(--benchmark_min_time=0.25 --benchmark_repetitions=3 --benchmark_display_aggregates_only=true)
 fi
 ours+=("--sapo_threads=$threads_csv")
+[ "$huge_pages" = 1 ] && ours+=(--sapo_huge_pages)
 
 rm -f "$out"/raw_*.json "$out"/memory.jsonl
 {
@@ -65,6 +70,7 @@ rm -f "$out"/raw_*.json "$out"/memory.jsonl
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //') x $(nproc)"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "mode: $([ "$quick" = 1 ] && echo quick || echo full), threads: $threads, ${gbench[*]}"
+  echo "inputs on: $([ "$huge_pages" = 1 ] && echo "2 MiB pages (--huge-pages)" || echo "default pages"), transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown)"
   echo "OMP_WAIT_POLICY: ${OMP_WAIT_POLICY:-unset (libgomp default: spin, then sleep)}"
 } | tee "$out/machine.txt"
 load1="$(cut -d' ' -f1 /proc/loadavg)"
