@@ -738,12 +738,15 @@ class policy_loss_kernel {
     // one pack's exp barely overlaps the next one's. Alone in a loop, the chains of several
     // packs run side by side: the compute pass of the default loss takes 17 % less time
     // with its inputs in cache (docs/benchmarks.md).
+    // The used lanes (on01_buf) are kept for the second loop too: finding them reads the mask
+    // and, when non-finite tokens are dropped, every input.
     alignas(64) T delta_buf[sum_block], rho_buf[sum_block], moves_buf[sum_block], k_buf[sum_block],
-        k_slope_buf[sum_block];
+        k_slope_buf[sum_block], on01_buf[AllOn ? 1 : sum_block];
     for (int64_t j = j0; j < j_end; j += W) {
       auto on = P(1) != P(0);  // all true
       P on01(1);
       used(j, on, on01);
+      if constexpr (!AllOn) simd::store(on01_buf + (j - j0), on01);
       const P logp = keep(on, simd::load(logp_in + j), zero);
       const token_ratio<P> tr = importance_ratio(logp, keep(on, simd::load(old_in + j), zero));
       simd::store(delta_buf + (j - j0), tr.delta);
@@ -758,7 +761,10 @@ class policy_loss_kernel {
     for (int64_t j = j0; j < j_end; j += W) {
       auto on = P(1) != P(0);  // all true
       P on01(1);
-      used(j, on, on01);
+      if constexpr (!AllOn) {
+        on01 = simd::load(on01_buf + (j - j0));
+        on = on01 != zero;
+      }
       auto table = [&](const T* t) { return lookup<AllOn>(t, step_in, on01, j, one_register); };
       const P a = by_step ? table(s.adv_t) : keep(on, simd::load(adv_in + j), zero);
       const token_ratio<P> tr{simd::load(delta_buf + (j - j0)), simd::load(rho_buf + (j - j0)),
