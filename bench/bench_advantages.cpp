@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "bench_common.hpp"
+#include "dispatched.hpp"
 #include "impls.hpp"
 #include "torch_impls.hpp"
 
@@ -76,6 +77,13 @@ bool self_check() {
       ok &= all_close((k + ": sapo A vs reference").c_str(), out.adv.data(), ref_adv.data(), nk, 1e-6, 1e-6);
       ok &= all_close((k + ": sapo token adv vs reference").c_str(), out.token_adv.data(), ref_tok.data(), n, 1e-6,
                       1e-6);
+      for (const sapo::dispatch::isa i : dispatch_variants()) {
+        AdvOutputs o(s);
+        dispatched_advantages(i, b, o, true, id_bytes == 8, 1);
+        const std::string name = k + ": " + dispatch_impl_name(i);
+        ok &= all_close((name + " step ids vs reference").c_str(), o.step.data(), ref_step.data(), n, 0, 0);
+        ok &= all_close((name + " token adv vs reference").c_str(), o.token_adv.data(), ref_tok.data(), n, 1e-6, 1e-6);
+      }
       ok &= all_close((k + ": libtorch step ids vs reference").c_str(), t.step(), ref_step.data(), n, 0, 0);
       ok &= all_close((k + ": libtorch malformed vs reference").c_str(), t.malformed(), ref_bad.data(), size_t(s.B),
                       0, 0);
@@ -116,6 +124,19 @@ void register_all(const Flags& f) {
             }
             finish_state(st, s, bytes, th);
           });
+        // Runtime dispatch (the compiled artefacts' path), one row per instruction set.
+        for (const sapo::dispatch::isa i : dispatch_variants())
+          for (int th : f.threads)
+            reg(dispatch_impl_name(i), th, [=](benchmark::State& st, bool warm_up) {
+              AdvCase& c = g_cache.get(s);
+              if (warm_up) benchmark::DoNotOptimize(dispatched_advantages(i, *c.b, *c.out, bcast, i64, th));
+              for (auto _ : st) {
+                int64_t v = dispatched_advantages(i, *c.b, *c.out, bcast, i64, th);
+                benchmark::DoNotOptimize(v);
+                benchmark::ClobberMemory();
+              }
+              finish_state(st, s, bytes, th);
+            });
         for (int th : f.threads)
           reg("libtorch", th, [=](benchmark::State& st, bool warm_up) {
             torch_set_threads(th);

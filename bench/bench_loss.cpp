@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "bench_common.hpp"
+#include "dispatched.hpp"
 #include "impls.hpp"
 #include "torch_impls.hpp"
 
@@ -80,6 +81,14 @@ bool self_check() {
       // (The adapter's loss tensor has logp's dtype: the kernel's double loss rounded to float.)
       ok &= close((k + ": sapo_autograd loss vs sapo").c_str(), l_adapter, static_cast<float>(l_sapo), 0, 0);
       ok &= all_close((k + ": sapo_autograd grad vs sapo").c_str(), adapter_run.grad(), g_sapo_d.data(), n, 0, 0);
+      // Every dispatched instruction set against the reference.
+      for (const sapo::dispatch::isa i : dispatch_variants()) {
+        const double l_isa = dispatched_loss(i, *p, step_kl, 1);
+        const std::string name = k + ": " + dispatch_impl_name(i);
+        ok &= close((name + " loss vs reference").c_str(), l_isa, r.loss, 1e-6, 1e-9);
+        std::vector<float> g_isa(p->grad.data(), p->grad.data() + n);
+        ok &= all_close((name + " grad vs reference").c_str(), g_isa.data(), g_ref.data(), n, 1e-5, 1e-6 * gmax);
+      }
     }
   std::fprintf(stderr, "bench_loss self-check (sapo, libtorch, reference agree): %s\n", ok ? "ok" : "FAILED");
   return ok;
@@ -104,6 +113,20 @@ void register_kernel(const Flags& f, const Shape& s, bool step_kl, const std::st
       }
       finish_state(st, s, bytes, th);
     });
+  // The same kernel as the compiled artefacts run it: runtime dispatch, one row per
+  // instruction set this CPU runs.
+  for (const sapo::dispatch::isa i : dispatch_variants())
+    for (int th : f.threads)
+      reg(dispatch_impl_name(i), th, [=](benchmark::State& st, bool warm_up) {
+        LossProblem& p = *cache->get(s).p;
+        if (warm_up) benchmark::DoNotOptimize(dispatched_loss(i, p, step_kl, th));
+        for (auto _ : st) {
+          double l = dispatched_loss(i, p, step_kl, th);
+          benchmark::DoNotOptimize(l);
+          benchmark::ClobberMemory();
+        }
+        finish_state(st, s, bytes, th);
+      });
   if (all)
     for (int th : f.threads)
       reg("sapo_autograd", th, [=](benchmark::State& st, bool warm_up) {
@@ -159,6 +182,10 @@ void register_all(const Flags& f) {
     for (bool step_kl : {false, true}) register_kernel(f, s, step_kl, kernel_name(step_kl), &g_cache, true);
   // The largest shape once more without padding (the target shape of docs/benchmarks.md).
   register_kernel(f, bench_shapes(f.quick).back(), false, "loss_dense", &g_dense_cache, false);
+  // Small batches, where the fixed cost of a call (threads, allocation) shows: an RL
+  // trainer calls the loss thousands of times per epoch.
+  for (const Shape s : {Shape{16, 256, 3, 8}, Shape{256, 1024, 4, 16}})
+    register_kernel(f, s, false, "loss_call", &g_cache, false);
 }
 
 }  // namespace

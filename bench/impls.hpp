@@ -14,6 +14,10 @@
 #include "reference/reference.hpp"
 
 namespace sapo_bench {
+// The runners call sapo's entry points, which differ by translation unit: bench_*.cpp take the
+// direct path compiled with -march=native, dispatched.cpp the runtime dispatch of the compiled
+// artefacts. A namespace per kind keeps the two sets of runners apart (simd.hpp).
+inline namespace SAPO_ENTRY_NAMESPACE {
 
 // ------------------------------------------------------------------ threads for the rooflines
 
@@ -183,7 +187,10 @@ inline sapo::segment_options segment_options_for(int64_t K, int threads) {
   return o;
 }
 
+}  // namespace SAPO_ENTRY_NAMESPACE
+
 /// Outputs of the pipeline, shared by sapo and the roofline (caller-owned, as sapo wants).
+/// One type for every translation unit (dispatched.hpp passes it across).
 struct AdvOutputs {
   Buffer<int32_t> step;       // (B, T)
   Buffer<int32_t> n_steps;    // (B)
@@ -201,6 +208,8 @@ struct AdvOutputs {
         adv(size_t(s.B * s.K)),
         token_adv(size_t(s.B * s.T)) {}
 };
+
+inline namespace SAPO_ENTRY_NAMESPACE {
 
 /// sapo: segment_steps -> step_rewards(prefix) -> group_advantages(contiguous G); with the
 /// broadcast, the one call that does all four (step_advantage_pipeline).
@@ -313,4 +322,5 @@ struct AdvRoofline {
   }
 };
 
+}  // namespace SAPO_ENTRY_NAMESPACE
 }  // namespace sapo_bench

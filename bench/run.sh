@@ -42,7 +42,8 @@ done
 threads_csv="$(echo $threads | tr ' ' ',')"
 [[ "$threads_csv" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "run.sh: --threads wants positive integers, got '$threads'" >&2; exit 2; }
 
-sapo_install_debs "${SAPO_BUILD_DEBS[@]}" libtorch-dev libopenblas0-pthread libbenchmark-dev python3-matplotlib
+sapo_install_debs "${SAPO_BUILD_DEBS[@]}" libtorch-dev libopenblas0-pthread libbenchmark-dev python3-matplotlib \
+  python3-torch python3-setuptools python3-dev
 
 build="${SAPO_BENCH_BUILD_DIR:-$SAPO_ROOT/build/bench}"
 out="${out:-$build/results}"
@@ -52,7 +53,7 @@ out="$(cd "$out" && pwd)"
 t_start=$(date +%s)
 cmake -S "$SAPO_ROOT" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSAPO_BUILD_BENCHMARKS=ON \
   -DSAPO_BUILD_TESTS=OFF -DSAPO_BUILD_EXAMPLES=OFF -DSAPO_WITH_EIGEN=OFF -DSAPO_WITH_XTENSOR=OFF -DSAPO_INSTALL=OFF >/dev/null
-cmake --build "$build" --target bench_loss bench_advantages bench_memory -j "$(nproc)"
+cmake --build "$build" --target bench_loss bench_advantages bench_memory sapo_python -j "$(nproc)"
 t_built=$(date +%s)
 
 if [ "$quick" = 1 ]; then
@@ -84,6 +85,10 @@ for b in loss advantages; do
   "$build/bench/bench_$b" "${ours[@]}" "${gbench[@]}" \
     --benchmark_out="$out/raw_$b.json" --benchmark_out_format=json
 done
+echo "== sapo_torch (Python, the dispatched build)"
+if [ "$quick" = 1 ]; then py=(--min-time 0.05 --repetitions 1); else py=(--min-time 0.25 --repetitions 3); fi
+PYTHONPATH="$build/python" /usr/bin/python3 "$SAPO_ROOT/bench/bench_python.py" --out "$out/raw_python.json" \
+  --threads "$threads_csv" "${py[@]}"
 echo "== bench_memory"
 "$build/bench/bench_memory" --out="$out/memory.jsonl"
 t_ran=$(date +%s)

@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 
 IMPLS = ["sapo", "sapo_autograd", "libtorch", "reference", "roofline", "roofline_2pass"]
+# Runtime dispatch (the compiled artefacts' path), one row per instruction set, and the Python package.
+ISA_IMPLS = ["sapo_sse2", "sapo_avx2", "sapo_avx512", "sapo_native", "sapo_torch", "sapo_torch_fb"]
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -121,6 +123,35 @@ def ratio_table(rows):
     return "\n".join(lines), legend
 
 
+def isa_table(rows):
+    """Per instruction set: time of each dispatched variant, of the -march=native header build
+    ("sapo") and of the Python package, and the best variant against the two-pass roofline."""
+    present = [i for i in ISA_IMPLS if any(r["impl"] == i for r in rows)]
+    if not present:
+        return None
+    by = {(r["kernel"], r["B"], r["T"], r["K"], r["G"], r["impl"], r["threads"]): r["seconds"] for r in rows}
+    keys = []
+    for r in rows:
+        k = (r["kernel"], r["B"], r["T"], r["K"], r["G"], r["threads"])
+        if r["impl"] in present and k not in keys:
+            keys.append(k)
+    cols = ["kernel", "B×T", "K", "threads", "sapo (native) ms"] + [f"{i} ms" for i in present] + [
+        "best dispatched / native", "best dispatched % of roofline_2pass"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for (kernel, B, T, K, G, th) in keys:
+        def t(impl):
+            return by.get((kernel, B, T, K, G, impl, th))
+        native = t("sapo")
+        disp = [t(i) for i in present if i.startswith("sapo_") and not i.startswith("sapo_torch") and t(i)]
+        best = min(disp) if disp else None
+        fmt = lambda v: "–" if v is None else (f"{1e3 * v:.3g}" if v >= 1e-4 else f"{1e6 * v:.3g} µs")
+        cells = [kernel, f"{B}×{T}", str(K), str(th), fmt(native)] + [fmt(t(i)) for i in present]
+        cells += [fmt_x(ratio(best, native)) if best and native else "–",
+                  fmt_pct(ratio(t("roofline_2pass"), best))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def memory_table(path):
     if not os.path.exists(path):
         return None
@@ -217,6 +248,13 @@ def main():
     if os.path.exists(machine):
         text += "".join(f"    {line}" for line in open(machine)) + "\n"
     text += "## Ratios per shape\n\n" + table + "\n\n" + legend + "\n"
+    isa = isa_table(rows)
+    if isa:
+        text += ("\n## Per instruction set (runtime dispatch) and the Python package\n\n" + isa + "\n\n"
+                 "sapo_<isa>: the kernels as libsapo_torch.so and sapo_torch run them (built without -march, "
+                 "dispatched at run time, forced to that instruction set); sapo: the header build with -march=native; "
+                 "sapo_torch: sapo_torch.policy_loss forward from Python (sapo_torch_fb: + backward). "
+                 "\"best dispatched / native\" > 1: the dispatched build is slower.\n")
     if mem:
         text += "\n## Peak extra memory\n\n" + mem + "\n"
     print(text)

@@ -39,11 +39,12 @@ struct LossProblem {
   sapo_ref::IntMatrix step, mask;
 };
 
-/// `spread` scales logp - old_logp: 0.3 puts many ratios outside [0.8, 1.2].
-inline LossProblem random_problem(std::mt19937_64& rng, int64_t B, int64_t T, double spread = 0.3) {
+/// `spread` scales logp - old_logp: 0.3 puts many ratios outside [0.8, 1.2]. K steps per response.
+inline LossProblem random_problem(std::mt19937_64& rng, int64_t B, int64_t T, double spread = 0.3, int64_t K = 3) {
   LossProblem p;
   p.B = B;
   p.T = T;
+  p.K = K;
   Vocab v;
   v.K = p.K;
   const TokenBatch batch = random_tokens(rng, v, B, T, false, true, 0.3);

@@ -7,9 +7,11 @@
 //   loss.backward()
 #include <sapo/torch.hpp>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,22 @@ namespace detail {
 c10::OperatorHandle find_op(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
 namespace {
+
+// sapo's parallel loops run on libtorch's intra-op pool (at::parallel_for), not on sapo's
+// own threads: a trainer's torch.set_num_threads holds for them too, and two pools do not
+// fight over the cores. Each of up to `threads` pool tasks takes chunks from a shared
+// counter, so uneven chunks balance; which thread runs a chunk never changes a result.
+void aten_executor(int64_t n, int threads, void* context, void (*task)(void*, int64_t)) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t c = next.fetch_add(1); c < n; c = next.fetch_add(1)) task(context, c);
+  });
+}
+const bool aten_executor_installed = (sapo::set_executor(&aten_executor), true);
+
+/// The instruction set the CPU kernels run with (runtime dispatch; SAPO_ISA forces one).
+std::string dispatch_isa() { return sapo::dispatch::isa_name(sapo::dispatch::active_isa()); }
 
 std::vector<std::string> loss_diagnostic_name_list() {
   return {loss_diagnostic_names.begin(), loss_diagnostic_names.end()};
@@ -93,6 +111,7 @@ TORCH_LIBRARY(sapo, m) {
         "(Tensor adv, Tensor stats, Tensor advantage_sums)");
   m.def("finish_advantage_std(Tensor stats, Tensor advantage_sums) -> Tensor");
   m.def("loss_counts(Tensor mask, Tensor? step=None) -> Tensor");
+  m.def("dispatch_isa() -> str", &sapo::libtorch::detail::dispatch_isa);
   // The fused kernel without autograd: loss, d loss / d logp and the diagnostics.
   m.def("policy_loss_fwd" SAPO_LOSS_SCHEMA_ARGS " -> (Tensor loss, Tensor grad, Tensor diagnostics)");
   // The same with autograd (backward: the saved gradient times the incoming one).

@@ -19,6 +19,7 @@ enum class ratio_level {
 enum class kl_estimator { k1, k2, k3 };
 
 namespace detail {
+inline namespace SAPO_ISA_NAMESPACE {
 
 constexpr double log_ratio_bound = 20.0;  // delta and the k3 argument are clamped to +-20
 constexpr double k3_bound = 10.0;         // k3 itself is clamped to +-10
@@ -110,5 +111,6 @@ SAPO_HOST_DEVICE kl_value<V> kl_penalty(V logp, V ref_logp, kl_estimator est) {
   return {clamp(k, -kb, kb), simd::select(inside, V(1) - e, V(0))};
 }
 
+}  // namespace SAPO_ISA_NAMESPACE
 }  // namespace detail
 }  // namespace sapo

@@ -21,6 +21,7 @@
 
 #include "advantages.hpp"
 #include "checks.hpp"
+#include "dispatch.hpp"
 #include "parallel.hpp"
 #include "rewards.hpp"
 #include "simd.hpp"
@@ -50,26 +51,33 @@ struct pipeline_result {
 };
 
 namespace detail {
+inline namespace SAPO_ISA_NAMESPACE {
 
 /// token_adv[i,t] = A[i, step[i,t]] for step ids the pipeline wrote itself (-1 -> 0): no mask
-/// and no range check needed. A row's A is a table indexed by step + 1.
+/// and no range check needed. A row's A is a table indexed by step + 1: with float lanes on
+/// AVX2 / AVX-512 a lane permute looks up a table of up to 8 / 16 slots, a gather a larger one.
 template <class A, class O>
 void broadcast_own_step_ids(mat_view<A> adv, mat_view<const int32_t> step, mat_view<O> token_adv, int num_threads) {
   const int64_t B = step.rows, T = step.cols, K = adv.cols;
   const row_chunks chunks(B, T);
   parallel_for_chunks(chunks.count, num_threads, [&](int64_t c) {
-    O table[max_steps + 1] = {};  // slot 0: no step; the SIMD lookup reads 8 slots whatever K
+    // Slot 0: no step. The permute reads register_table_slots slots whatever K.
+    alignas(64) O table[max_steps + 1] = {};
     for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
       for (int64_t k = 0; k < K; ++k) table[k + 1] = static_cast<O>(adv(i, k));
       const int32_t* s = step.data + i * step.row_stride;
       O* out = token_adv.data + i * token_adv.row_stride;
       if (step.col_stride == 1 && token_adv.col_stride == 1) {
         int64_t t = 0;
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
-        if constexpr (std::is_same<O, float>::value) {
-          using I = xsimd::batch<int32_t>;  // as many lanes as float
-          if (K + 1 <= 8)
-            for (; t + 8 <= T; t += 8) simd::store(out + t, simd::lookup8(table, I::load_unaligned(s + t) + I(1)));
+#if SAPO_HAS_XSIMD
+        if constexpr (simd::vector_ints<O>) {
+          using I = simd::ipack;  // as many lanes as float
+          constexpr int64_t W = static_cast<int64_t>(I::size);
+          if (K + 1 <= simd::register_table_slots<O>)
+            for (; t + W <= T; t += W)
+              simd::store(out + t, simd::lookup_register(table, I::load_unaligned(s + t) + I(1)));
+          else
+            for (; t + W <= T; t += W) simd::store(out + t, simd::gather(table, I::load_unaligned(s + t) + I(1)));
         }
 #endif
         for (; t < T; ++t) out[t] = table[s[t] + 1];
@@ -80,7 +88,18 @@ void broadcast_own_step_ids(mat_view<A> adv, mat_view<const int32_t> step, mat_v
   });
 }
 
+}  // namespace SAPO_ISA_NAMESPACE
 }  // namespace detail
+
+namespace dispatch {
+/// (advantage, output) types of the dispatched token broadcast.
+using broadcast_types = type_list<types<const float, float>, types<const double, double>>;
+/// broadcast_own_step_ids on the active instruction set (src/dispatch.cpp).
+template <class A, class O>
+void broadcast_own_step_ids(mat_view<A> adv, mat_view<const int32_t> step, mat_view<O> token_adv, int num_threads);
+}  // namespace dispatch
+
+inline namespace SAPO_ENTRY_NAMESPACE {
 
 /// \brief segment_steps, step_rewards, group_advantages and the token broadcast in one call.
 /// \param tokens  (B, T) token ids (any integer type)
@@ -120,10 +139,19 @@ pipeline_result step_advantage_pipeline(mat_view<Id> tokens, mat_view<M> mask, m
   step_rewards(mat_view<const int64_t>(seg.codes), vec_view<const uint8_t>(seg.malformed), targets, options.reward,
                out.rewards);
   r.advantage = group_advantages(mat_view<const R>(out.rewards), groups, options.advantage, out.advantages);
-  if (broadcast)
-    detail::broadcast_own_step_ids(mat_view<const R>(out.advantages), mat_view<const int32_t>(seg.step),
-                                   out.token_advantages, options.segment.num_threads);
+  if (broadcast) {
+    const mat_view<const R> adv(out.advantages);
+    const mat_view<const int32_t> step(seg.step);
+#ifdef SAPO_USE_DISPATCH
+    if constexpr (dispatch::contains<dispatch::types<const R, R>, dispatch::broadcast_types>::value)
+      dispatch::broadcast_own_step_ids(adv, step, out.token_advantages, options.segment.num_threads);
+    else
+#endif
+      detail::broadcast_own_step_ids(adv, step, out.token_advantages, options.segment.num_threads);
+  }
   return r;
 }
+
+}  // namespace SAPO_ENTRY_NAMESPACE
 
 }  // namespace sapo

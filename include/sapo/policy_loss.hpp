@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "checks.hpp"
+#include "dispatch.hpp"
 #include "loss_math.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
@@ -121,6 +122,8 @@ struct chunk_sums {
   double clip_low = 0, clip_high = 0, clip_dual = 0;
 };
 
+inline namespace SAPO_ISA_NAMESPACE {
+
 /// The fused policy loss. Two passes over the tokens, both parallel over fixed row chunks
 /// and both working on tiles of `tile` tokens of one row:
 ///   scan:    read-only; validates every used value (SIMD), counts tokens / rows / steps
@@ -152,6 +155,9 @@ class policy_loss_kernel {
   // exact path) goes through the general loop.
   static constexpr uint8_t tile_mixed = 0, tile_off = 1, tile_all_on = 2;
   static constexpr int32_t no_single_step = std::numeric_limits<int32_t>::min();
+  // Step tables the plain loop takes: as many slots as one register holds (8 float lanes
+  // on AVX2, 16 on AVX-512), and at least 8 where lookups are scalar loads anyway.
+  static constexpr int64_t plain_table_slots = std::max<int64_t>(8, simd::register_table_slots<T>);
 
   policy_loss_kernel(const policy_inputs<T, M>& in, const loss_options& o, mat_view<G> grad, int64_t K)
       : in_(in), o_(o), grad_(grad), B_(in.logp.rows), T_(in.logp.cols), K_(K), slots_(K + 1) {
@@ -234,19 +240,17 @@ class policy_loss_kernel {
   };
 
   /// table[step + 1] for the W tokens at j, slot 0 where the token is off (AllOn: no
-  /// token is). On AVX2, with at most 8 slots (K <= 7: `one_register`) the table sits in
-  /// one register and a lane permute (vpermps, one instruction) looks it up; with more, a
-  /// hardware gather; elsewhere W scalar loads.
+  /// token is). With float packs on AVX2 / AVX-512, a table of at most 8 / 16 slots (K <= 7
+  /// / 15: `one_register`) sits in one register and a lane permute (vpermps, one
+  /// instruction) looks it up; a larger one takes a hardware gather; elsewhere W scalar loads.
   template <bool AllOn>
   static P lookup(const T* table, const int32_t* step, const P& on01, int64_t j, bool one_register) {
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
-    if constexpr (std::is_same<T, float>::value) {
-      using I = xsimd::batch<int32_t>;  // as many lanes as float
+#if SAPO_HAS_XSIMD
+    if constexpr (simd::vector_ints<T>) {
+      using I = simd::ipack;  // as many lanes as float
       I slot = I::load_unaligned(step + j) + I(1);
       if constexpr (!AllOn) slot = slot * xsimd::batch_cast<int32_t>(on01);
-      if (one_register) return simd::lookup8(table, slot);
-      // The intrinsic itself: xsimd 8.1's batch::gather misses its AVX2 overload.
-      return _mm256_i32gather_ps(table, slot, sizeof(float));
+      return one_register ? simd::lookup_register(table, slot) : simd::gather(table, slot);
     }
 #endif
     (void)one_register;
@@ -369,30 +373,26 @@ class policy_loss_kernel {
   }
 
   /// Range check of the step ids of on tokens, the set of steps present (bit k) and the
-  /// smallest and largest id, for one tile. With AVX2 and float it runs pack by pack inside
-  /// the scan's finite-check loop (add), so each input is loaded once per tile: 8 int32
-  /// lanes beside 8 float ones, off tokens become step -1 and a variable shift sets bit
-  /// `step` (vpsllvd gives 0 for shifts of 32 or more, and of -1). Elsewhere finish()
-  /// checks the tile token by token.
+  /// smallest and largest id, for one tile. With float packs on AVX2 / AVX-512 it runs pack
+  /// by pack inside the scan's finite-check loop (add), so each input is loaded once per
+  /// tile: int32 lanes beside the float ones, off tokens become step -1 and a variable shift
+  /// sets bit `step` (vpsllvd gives 0 for shifts of 32 or more, and of -1). Elsewhere
+  /// finish() checks the tile token by token.
   struct step_check {
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
-    static constexpr bool vector = std::is_same<T, float>::value;
-#else
-    static constexpr bool vector = false;
-#endif
-    using I = std::conditional_t<vector, simd::pack<int32_t>, int32_t>;
+    static constexpr bool vector = simd::vector_ints<T>;
+    using I = std::conditional_t<vector, simd::ipack, int32_t>;
     I low = I(0), high = I(0), min_id = I(std::numeric_limits<int32_t>::max()), max_id = I(-1);
 
     /// The W step ids at `step`; `off`: the lanes whose mask is 0.
     template <class Off>
     void add(const int32_t* step, const Off& off, int32_t K, bool wide) {
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
+#if SAPO_HAS_XSIMD
       if constexpr (vector) {
-        const I st = xsimd::select(xsimd::batch_bool<int32_t>(_mm256_castps_si256(off)), I(-1), I::load_unaligned(step));
+        const I st = xsimd::select(simd::int_mask(off), I(-1), I::load_unaligned(step));
         min_id = xsimd::min(min_id, st);  // the range check, in finish()
         max_id = xsimd::max(max_id, st);
-        low = low | (I(1) << st);
-        if (wide) high = high | (I(1) << (st - I(32)));
+        low = low | simd::shift_left(I(1), st);
+        if (wide) high = high | simd::shift_left(I(1), st - I(32));
         return;
       }
 #endif
@@ -431,59 +431,50 @@ class policy_loss_kernel {
     }
   };
 
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
-  static constexpr bool vector_step_sums = std::is_same<T, float>::value;
-#else
-  static constexpr bool vector_step_sums = false;
-#endif
+  static constexpr bool vector_step_sums = simd::vector_ints<T>;
 
-  /// step_sums for a tile whose every token is used and in slot `slot`: the same float sums
-  /// over the same blocks as step_sums, so the same bits, in one pass instead of one per slot.
+  /// step_sums for a tile whose every token is used and in slot `slot`: the same double
+  /// lane sums as step_sums (which adds exact zeros for the other lanes), so the same bits,
+  /// in one pass instead of one per slot.
   void one_step_sums(const scratch& s, int64_t padded, int64_t slot, int32_t* cnt, double* dsum) const {
     if (cnt) {
       cnt[0] += static_cast<int32_t>(padded);
       if (slot > 0) cnt[slot] += static_cast<int32_t>(padded);
     }
     if (!dsum) return;
-    constexpr int64_t block = 8 * W;
-    for (int64_t j0 = 0; j0 < padded; j0 += block) {
-      P sum(0);
-      for (int64_t j = j0; j < std::min(padded, j0 + block); j += W) sum = sum + simd::load(s.delta + j);
-      const double block_sum = simd::horizontal_sum(sum);
-      dsum[0] += block_sum;
-      if (slot > 0) dsum[slot] += block_sum;
-    }
+    simd::double_sum<T> sum;
+    for (int64_t j = 0; j < padded; j += W) sum.add(simd::load(s.delta + j));
+    const double tile_sum = sum.total();
+    dsum[0] += tile_sum;
+    if (slot > 0) dsum[slot] += tile_sum;
   }
 
   /// Per-step token counts (cnt, slot k + 1 = step k, slot 0 = every token) and delta sums
   /// (dsum, may be null) of the used tokens of one tile whose step ids passed step_check,
-  /// slot by slot in SIMD lanes (the tile sits in L1). Delta sums run in float over 8 packs,
-  /// then flush to double. AVX2 float lanes and at most 8 slots; the caller checks.
+  /// slot by slot in SIMD lanes (the tile sits in L1); the delta sums in double lanes.
+  /// Float lanes on AVX2 / AVX-512 and at most 8 slots; the caller checks.
   void step_sums(const tile_data& d, scratch& s, int64_t padded, int32_t* cnt, double* dsum) const {
-#if SAPO_HAS_XSIMD && defined(__AVX2__)
+#if SAPO_HAS_XSIMD
     if constexpr (vector_step_sums) {
-      using I = xsimd::batch<int32_t>;  // as many lanes as float
+      using I = simd::ipack;  // as many lanes as float
       // Slot of each token: step + 1 for used tokens, -1 for off ones (whose ids are unchecked).
       for (int64_t j = 0; j < padded; j += W) {
         const I on = xsimd::batch_cast<int32_t>(simd::load(d.mask + j));
         const I slot = (I::load_unaligned(d.step + j) + I(2)) * on - I(1);
         slot.store_aligned(s.step_slot + j);
       }
-      constexpr int64_t block = 8 * W;
       for (int64_t k = 0; k < slots_; ++k) {
         I count(0);
         const I want = k == 0 ? I(-1) : I(static_cast<int32_t>(k));
-        for (int64_t j0 = 0; j0 < padded; j0 += block) {
-          P sum(0);
-          for (int64_t j = j0; j < std::min(padded, j0 + block); j += W) {
-            const I slot = I::load_aligned(s.step_slot + j);
-            // Slot 0 takes every used token, slot k > 0 the tokens of step k - 1.
-            const auto in = k == 0 ? (slot > want) : (slot == want);
-            count = count + xsimd::select(in, I(1), I(0));
-            if (dsum) sum = sum + simd::select(xsimd::batch_bool<T>(_mm256_castsi256_ps(in)), simd::load(s.delta + j), P(0));
-          }
-          if (dsum) dsum[k] += simd::horizontal_sum(sum);
+        simd::double_sum<T> sum;
+        for (int64_t j = 0; j < padded; j += W) {
+          const I slot = I::load_aligned(s.step_slot + j);
+          // Slot 0 takes every used token, slot k > 0 the tokens of step k - 1.
+          const auto in = k == 0 ? (slot > want) : (slot == want);
+          count = count + xsimd::select(in, I(1), I(0));
+          if (dsum) sum.add(simd::select(simd::float_mask(in), simd::load(s.delta + j), P(0)));
         }
+        if (dsum) dsum[k] += sum.total();
         cnt[k] += static_cast<int32_t>(xsimd::hadd(count));
       }
       return;
@@ -667,9 +658,11 @@ class policy_loss_kernel {
     }
   }
 
-  /// Per-pack sums of one block, in T, flushed to double by flush_block.
+  /// Lane sums of one block, in double (every lane converted as it is added), flushed to
+  /// the chunk's sums by flush_block. The clip counts share one pack of T: exact integers.
   struct block_sums {
-    P loss = P(T(0)), ratio = P(T(0)), kl_old = P(T(0)), kl_old_k3 = P(T(0)), kl_ref = P(T(0)), clips = P(T(0));
+    simd::double_sum<T> loss, ratio, kl_old, kl_old_k3, kl_ref;
+    P clips = P(T(0));
   };
 
   /// Row constants of the compute loop.
@@ -697,7 +690,7 @@ class policy_loss_kernel {
     const bool per_token_weight = !Plain && o_.agg == aggregation::step_mean;
     const bool grouped_ratio = !Plain && o_.ratio != ratio_level::token, step_ratio = o_.ratio == ratio_level::step;
     const bool by_step = Plain ? Kind == loop_kind::plain_step_table : by_step_;
-    const bool one_register = Kind == loop_kind::plain_step_table || slots_ <= 8;
+    const bool one_register = Kind == loop_kind::plain_step_table || slots_ <= simd::register_table_slots<T>;
     const bool drop = drop_nonfinite_;
     const bool slot_gate = d.step && !s.all_slots_on;
     const kl_estimator kl = o_.kl;
@@ -785,17 +778,17 @@ class policy_loss_kernel {
         const kl_value<P> kv{simd::load(k_buf + (j - j0)), simd::load(k_slope_buf + (j - j0))};
         l = l + beta * kv.k;
         dl = dl + beta * kv.slope;
-        acc.kl_ref = acc.kl_ref + kv.k;
+        acc.kl_ref.add(kv.k);
       }
       // w: the token's aggregation weight; the gradient's weight is w / norm.
       const P w = per_token_weight ? table(s.weight_t) : keep(on, row_weight, zero);
       const P gw = per_token_weight ? table(s.grad_weight_t) : keep(on, row_grad_weight, zero);
       simd::store(g_out + j, keep(on, gw * dl, zero));
-      acc.loss = acc.loss + w * l;
-      acc.ratio = acc.ratio + keep(on, rho, zero);
+      acc.loss.add(w * l);
+      acc.ratio.add(keep(on, rho, zero));
       ratio_max = simd::max(ratio_max, keep(on, rho, P(lowest)));
-      acc.kl_old = acc.kl_old - tr.delta;
-      acc.kl_old_k3 = acc.kl_old_k3 + (P(1) / tr.rho + tr.delta - P(1));
+      acc.kl_old.add(-tr.delta);
+      acc.kl_old_k3.add(P(1) / tr.rho + tr.delta - P(1));
       // A clipped branch wins only outside [1 - low, 1 + high]: one select picks the field.
       acc.clips = acc.clips + simd::select(sv.clipped, simd::select(rho < clip_lo, P(1), P(256)), zero);
       if (clip.dual) acc.clips = acc.clips + simd::select(sv.dual, P(65536), zero);
@@ -817,11 +810,11 @@ class policy_loss_kernel {
   }
 
   static void flush_block(block_sums& acc, chunk_sums& out) {
-    out.loss += simd::horizontal_sum(acc.loss);
-    out.ratio += simd::horizontal_sum(acc.ratio);
-    out.kl_old += simd::horizontal_sum(acc.kl_old);
-    out.kl_old_k3 += simd::horizontal_sum(acc.kl_old_k3);
-    out.kl_ref += simd::horizontal_sum(acc.kl_ref);
+    out.loss += acc.loss.total();
+    out.ratio += acc.ratio.total();
+    out.kl_old += acc.kl_old.total();
+    out.kl_old_k3 += acc.kl_old_k3.total();
+    out.kl_ref += acc.kl_ref.total();
     const auto packed = static_cast<int64_t>(simd::horizontal_sum(acc.clips));
     out.clip_low += static_cast<double>(packed & 255);
     out.clip_high += static_cast<double>((packed >> 8) & 255);
@@ -840,7 +833,7 @@ class policy_loss_kernel {
     const bool plain = o_.ratio == ratio_level::token && !use_ref_ && !o_.dual_clip && o_.agg != aggregation::step_mean;
     const loop_kind kind = !plain      ? loop_kind::general
                            : !by_step_ ? loop_kind::plain_token_advantages
-                                       : (slots_ <= 8 ? loop_kind::plain_step_table : loop_kind::general);
+                                       : (slots_ <= plain_table_slots ? loop_kind::plain_step_table : loop_kind::general);
     P ratio_max(-std::numeric_limits<T>::infinity());
     for (int64_t t0 = 0; t0 < T_; t0 += tile) {
       const int64_t n = std::min(tile, T_ - t0), padded = (n + W - 1) / W * W;
@@ -859,8 +852,8 @@ class policy_loss_kernel {
       if constexpr (std::is_same<T, G>::value) {
         if (direct_out) g_out = &grad_(i, t0);
       }
-      // Sums run in packs of T over a short block, then flush to double: they stay within
-      // float rounding of the per-token values, without a horizontal add per pack.
+      // Sums run in double lanes over a short block, then flush to the chunk's double sums
+      // (one horizontal add per block, not per pack).
       // The three clip counts share one accumulator, low + 2^8 high + 2^16 dual: a block has
       // 128 tokens, so each field stays below 2^8 and the sum below 2^24, exact in float.
       // Off tokens (mask 0, padding, dropped) get logp = old = ref = 0 and a = w = 0: then
@@ -898,6 +891,7 @@ class policy_loss_kernel {
   mutable std::vector<uint8_t> tile_state_;  // per (row, tile), written by the scan
 };
 
+}  // namespace SAPO_ISA_NAMESPACE
 }  // namespace detail
 namespace detail {
 
@@ -933,6 +927,19 @@ int64_t check_policy_inputs(const policy_inputs<T, M>& in, const loss_options& o
 
 }  // namespace detail
 
+namespace dispatch {
+/// (logp, mask, grad) types of the dispatched loss kernel: what the LibTorch adapter and
+/// the Python module pass (mask as the compute type or as bytes).
+using loss_types = type_list<types<float, float, float>, types<float, uint8_t, float>,
+                             types<double, double, double>, types<double, uint8_t, double>>;
+/// The fused kernel after policy_loss's checks, on the active instruction set (src/dispatch.cpp).
+template <class T, class M, class G>
+loss_result policy_loss_kernel(const policy_inputs<T, M>& in, const loss_options& options, mat_view<G> grad,
+                               int64_t K);
+}  // namespace dispatch
+
+inline namespace SAPO_ENTRY_NAMESPACE {
+
 /// \brief Policy loss, its gradient and diagnostics in one call (SPEC §4-6).
 /// \param in      logp, old_logp, [ref_logp], advantages, [step], mask; see policy_inputs
 /// \param options ratio level, clip, dual clip, KL, aggregation, normalizers, threads
@@ -947,7 +954,14 @@ loss_result policy_loss(const policy_inputs<T, M>& in, const loss_options& optio
   const int64_t K = detail::check_policy_inputs(in, options);
   detail::check_shape("grad", grad, in.logp.rows, in.logp.cols);
   detail::check_output("grad", grad);
-  return detail::policy_loss_kernel<T, M, G>(in, options, grad, K).run();
+#ifdef SAPO_USE_DISPATCH
+  if constexpr (dispatch::contains<dispatch::types<T, M, G>, dispatch::loss_types>::value)
+    return dispatch::policy_loss_kernel(in, options, grad, K);
+  else
+#endif
+    return detail::policy_loss_kernel<T, M, G>(in, options, grad, K).run();
 }
+
+}  // namespace SAPO_ENTRY_NAMESPACE
 
 }  // namespace sapo

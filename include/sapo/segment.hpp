@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "checks.hpp"
+#include "dispatch.hpp"
 #include "parallel.hpp"
 #include "view.hpp"
 
@@ -158,6 +159,8 @@ struct interleaved_walk {
   bool malformed = false;
 };
 
+inline namespace SAPO_ISA_NAMESPACE {
+
 /// The step id of one on-token of an interleaved response, advancing the walk: every SID
 /// token closes the step it ends.
 template <class CodeOut>
@@ -281,7 +284,24 @@ SAPO_HOST_DEVICE row_segmentation segment_think_then_sid_row(const sid_rules& ru
   return r;
 }
 
+}  // namespace SAPO_ISA_NAMESPACE
 }  // namespace detail
+
+namespace dispatch {
+/// (token id, mask) types of the dispatched contiguous segmentation row: what the LibTorch
+/// adapter passes.
+using segment_types = type_list<types<int32_t, uint8_t>, types<int32_t, int32_t>, types<int32_t, int64_t>,
+                                types<int32_t, float>, types<int32_t, double>, types<int64_t, uint8_t>,
+                                types<int64_t, int32_t>, types<int64_t, int64_t>, types<int64_t, float>,
+                                types<int64_t, double>>;
+/// segment_interleaved_row_contiguous on the active instruction set (src/dispatch.cpp).
+template <class Id, class M>
+detail::row_segmentation segment_interleaved_row_contiguous(const detail::sid_rules& rules, int32_t tail_id,
+                                                            int64_t T, const Id* ids, const M* mask, int32_t* step,
+                                                            vec_view<int64_t> code);
+}  // namespace dispatch
+
+inline namespace SAPO_ENTRY_NAMESPACE {
 
 /// \brief Segment B responses into reasoning steps (SPEC §1, docs/decisions.md).
 /// \param tokens  (B, T) token ids, int32 or int64, any strides
@@ -313,6 +333,16 @@ segment_stats segment_steps(mat_view<Id> tokens, mat_view<M> mask, const segment
     for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) detail::check_mask_row("mask", mask, i);
   });
   const int32_t tail_id = options.tail == tail_policy::last_step ? static_cast<int32_t>(K - 1) : -1;
+  using IdT = std::remove_const_t<Id>;
+  using MT = std::remove_const_t<M>;
+  auto contiguous_row = [&](const IdT* ids, const MT* m, int32_t* step, vec_view<int64_t> code) {
+#ifdef SAPO_USE_DISPATCH
+    if constexpr (dispatch::contains<dispatch::types<IdT, MT>, dispatch::segment_types>::value)
+      return dispatch::segment_interleaved_row_contiguous(rules, tail_id, T, ids, m, step, code);
+    else
+#endif
+      return detail::segment_interleaved_row_contiguous(rules, tail_id, T, ids, m, step, code);
+  };
   std::vector<int64_t> malformed_per_chunk(static_cast<size_t>(chunks.count), 0);
   detail::parallel_for_chunks(chunks.count, options.num_threads, [&](int64_t c) {
     for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
@@ -327,7 +357,7 @@ segment_stats segment_steps(mat_view<Id> tokens, mat_view<M> mask, const segment
               ? detail::segment_think_then_sid_row(rules, tail_id, options.sid_token_in_step, T, ids,
                                                    tokens.col_stride, m, mask.col_stride, step, code)
           : contiguous
-              ? detail::segment_interleaved_row_contiguous(rules, tail_id, T, ids, m, step.data, code)
+              ? contiguous_row(ids, m, step.data, code)
               : detail::segment_interleaved_row(rules, tail_id, T, ids, tokens.col_stride, m, mask.col_stride, step,
                                                 code);
       out.n_steps(i) = static_cast<int32_t>(r.n_steps);
@@ -339,5 +369,7 @@ segment_stats segment_steps(mat_view<Id> tokens, mat_view<M> mask, const segment
   for (int64_t n : malformed_per_chunk) stats.n_malformed += n;
   return stats;
 }
+
+}  // namespace SAPO_ENTRY_NAMESPACE
 
 }  // namespace sapo

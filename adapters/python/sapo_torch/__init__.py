@@ -87,6 +87,7 @@ TAIL_POLICIES = ("no_step", "last_step")
 NONFINITE_POLICIES = ("error", "mask")
 
 __all__ = [
+    "dispatch_isa",
     "segment_steps",
     "step_rewards",
     "group_advantages",
@@ -468,6 +469,14 @@ def finish_advantage_std(stats: torch.Tensor, advantage_sums: torch.Tensor) -> t
     (2, K) of :func:`finalize_group_advantages` (the population std of A over the n_present
     responses); a new tensor, the other rows unchanged."""
     return _ops.finish_advantage_std(stats, advantage_sums)
+
+
+def dispatch_isa() -> str:
+    """The instruction set the CPU kernels run with: ``"avx512"``, ``"avx2"`` or ``"sse2"`` on
+    x86-64, the best this CPU runs, chosen once at the first call (``"native"`` elsewhere). The
+    environment variable ``SAPO_ISA`` forces a lower one; naming one the CPU lacks is an error
+    at the first kernel call."""
+    return _ops.dispatch_isa()
 
 
 def loss_counts(mask: torch.Tensor, step: Optional[torch.Tensor] = None) -> torch.Tensor:
