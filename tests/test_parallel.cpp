@@ -1,5 +1,9 @@
 // parallel.hpp and the determinism promise of SPEC §7: the loss, every diagnostic and the
 // gradient are bit-identical for any thread count and any memory layout.
+#include <fstream>
+#include <string>
+#include <thread>
+
 #include "loss_problem.hpp"
 
 using namespace sapo_test;
@@ -33,6 +37,76 @@ TEST_CASE("parallel_for_chunks runs every chunk once and rethrows the lowest chu
   } catch (const std::runtime_error& e) {
     REQUIRE(std::string(e.what()) == "chunk 13");
   }
+}
+
+namespace {
+/// The process's thread count, from /proc (independent of the code under test).
+int process_threads() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  return -1;
+}
+}  // namespace
+
+TEST_CASE("loss calls start no thread: the pool is made once and reused", "[parallel][pool]") {
+  REQUIRE(sapo::get_executor() == nullptr);  // sapo's own pool in these test programs
+  std::mt19937_64 rng(8);
+  const LossProblem p = random_problem(rng, 200, 600, 0.3);  // 8 chunks: the pool runs them
+  LossBuffers<float> buf(p, Layout::contiguous);
+  sapo::loss_options opt;
+  opt.num_threads = 2;
+  const double first = sapo::policy_loss(buf.inputs(false, true), opt, buf.grad.view()).loss;
+  const int threads_after_first = process_threads();
+  REQUIRE(threads_after_first >= 1);
+  for (int call = 0; call < 200; ++call) {
+    const double again = sapo::policy_loss(buf.inputs(false, true), opt, buf.grad.view()).loss;
+    REQUIRE(again == first);
+  }
+  CHECK(process_threads() == threads_after_first);
+  CHECK(sapo::detail::thread_pool::instance().workers() ==
+        std::max(0, static_cast<int>(std::thread::hardware_concurrency()) - 1));
+}
+
+TEST_CASE("a chunk that calls sapo again runs it on its own thread, with the same result", "[parallel][pool]") {
+  std::mt19937_64 rng(9);
+  const LossProblem p = random_problem(rng, 200, 600, 0.3);  // 8 chunks: it would use the pool
+  LossBuffers<double> outer(p, Layout::contiguous);
+  sapo::loss_options opt;
+  opt.num_threads = 2;
+  const double want = sapo::policy_loss(outer.inputs(true, true), opt, outer.grad.view()).loss;
+  std::vector<double> got(8, 0.0);
+  sapo::detail::parallel_for_chunks(
+      8, 2,
+      [&](int64_t c) {
+        LossBuffers<double> inner(p, Layout::contiguous);
+        got[size_t(c)] = sapo::policy_loss(inner.inputs(true, true), opt, inner.grad.view()).loss;
+      },
+      1);
+  for (double g : got) REQUIRE(g == want);
+}
+
+TEST_CASE("an executor of the caller's runs the chunks, and the results do not change", "[parallel][pool]") {
+  static std::atomic<int> calls{0};
+  auto serial_executor = [](int64_t n, int, void* context, void (*task)(void*, int64_t)) {
+    ++calls;
+    for (int64_t c = n - 1; c >= 0; --c) task(context, c);  // any order
+  };
+  const sapo::executor_fn saved = sapo::get_executor();
+  std::mt19937_64 rng(10);
+  const LossProblem p = random_problem(rng, 200, 600, 0.3);
+  LossBuffers<float> a(p, Layout::contiguous), b(p, Layout::contiguous);
+  sapo::loss_options opt;
+  opt.num_threads = 2;
+  opt.ratio = sapo::ratio_level::step;
+  const sapo::loss_result ra = sapo::policy_loss(a.inputs(true, true), opt, a.grad.view());
+  sapo::set_executor(serial_executor);
+  calls = 0;
+  const sapo::loss_result rb = sapo::policy_loss(b.inputs(true, true), opt, b.grad.view());
+  sapo::set_executor(saved);
+  CHECK(calls == 2);  // scan and compute
+  REQUIRE(ra.loss == rb.loss);
+  REQUIRE(a.grad.store == b.grad.store);
 }
 
 TEMPLATE_TEST_CASE("policy_loss is bit-identical for 1, 2, 3 and 8 threads and any layout", "[parallel][loss]",

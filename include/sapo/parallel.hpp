@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -81,6 +82,7 @@ class thread_pool {
       wanted_ = std::min(threads - 1, workers());
       joined_ = 0;
       ++generation_;
+      published_.store(generation_, std::memory_order_release);
     }
     wake_.notify_all();
     in_task() = true;
@@ -121,6 +123,17 @@ class thread_pool {
     std::unique_lock<std::mutex> lock(mutex_);
     uint64_t seen = generation_;
     for (;;) {
+      // Spin a little before sleeping: a loss call is two jobs back to back (scan, then
+      // compute), and waking a sleeping thread on a VM can take longer than a small job.
+      lock.unlock();
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_microseconds);
+      for (int k = 1; published_.load(std::memory_order_acquire) == seen; ++k) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (k % 64 == 0 && std::chrono::steady_clock::now() > until) break;
+      }
+      lock.lock();
       wake_.wait(lock, [&] { return stop_ || (generation_ != seen && joined_ < wanted_); });
       if (stop_) return;
       seen = generation_;
@@ -137,7 +150,9 @@ class thread_pool {
   std::mutex job_mutex_;  // one job at a time
   std::mutex mutex_;      // guards the fields below
   std::condition_variable wake_, done_;
+  static constexpr int spin_microseconds = 100;
   uint64_t generation_ = 0;
+  std::atomic<uint64_t> published_{0};  // generation_, readable without the lock (for spinning)
   int wanted_ = 0, joined_ = 0, active_ = 0;
   bool stop_ = false;
   int64_t n_ = 0;
