@@ -397,7 +397,7 @@ class policy_loss_kernel {
     void add(const int32_t* step, const Off& off, int32_t K, bool wide) {
 #if SAPO_HAS_XSIMD
       if constexpr (vector) {
-        const I st = xsimd::select(simd::int_mask(off), I(-1), I::load_unaligned(step));
+        const I st = simd::select_int(simd::int_mask(off), I(-1), I::load_unaligned(step));
         min_id = xsimd::min(min_id, st);  // the range check, in finish()
         max_id = xsimd::max(max_id, st);
         low = low | simd::shift_left(I(1), st);
@@ -480,7 +480,7 @@ class policy_loss_kernel {
           const I slot = I::load_aligned(s.step_slot + j);
           // Slot 0 takes every used token, slot k > 0 the tokens of step k - 1.
           const auto in = k == 0 ? (slot > want) : (slot == want);
-          count = count + xsimd::select(in, I(1), I(0));
+          count = count + simd::select_int(in, I(1), I(0));
           if (dsum) sum.add(simd::select(simd::float_mask(in), simd::load(s.delta + j), P(0)));
         }
         if (dsum) dsum[k] += sum.total();

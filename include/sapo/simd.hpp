@@ -220,6 +220,19 @@ inline pack<float> gather(const float* table, const ipack& index) {
 #endif
 }
 
+/// m ? a : b per int32 lane (vector_ints only). The intrinsics themselves: xsimd 8.1's
+/// AVX-512 select of int lanes does not compile without optimization (-O0 turns the
+/// intrinsic it uses into a macro whose cast skips the batch's conversion).
+inline ipack select_int(const xsimd::batch_bool<int32_t>& m, const ipack& a, const ipack& b) {
+#if SAPO_SIMD_INT_LANES == 512
+  return _mm512_mask_blend_epi32(m, b, a);
+#elif SAPO_SIMD_INT_LANES == 256
+  return _mm256_blendv_epi8(b, a, m);
+#else
+  return xsimd::select(m, a, b);
+#endif
+}
+
 /// x << n per lane; 0 where n is outside [0, 32) (vpsllvd's rule, which the step bit sets
 /// rely on: id -1 and ids >= 32 set no bit of the low word).
 inline ipack shift_left(const ipack& x, const ipack& n) {
