@@ -11,6 +11,13 @@ contiguous spans with a tail of step -1, logp in [-4, -0.05], old = logp + N(0, 
 A ~ N(0, 1): the kernel takes the same path (fully used tiles, the plain step-table loop).
 
 Run:  PYTHONPATH=<build>/python /usr/bin/python3 bench/bench_python.py --out FILE [--threads 1,2]
+
+Every call returns a fresh (B, T) gradient, as any PyTorch op does. With glibc's malloc a 32 MiB
+tensor is mmap'ed anew on every call and its 8192 pages fault in again (about 100 ms on the
+project's VMs: more than the kernel). run.sh therefore also runs this script under jemalloc with
+page purging off (LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,
+rows *_jemalloc), where the freed pages are reused: the kernel's own cost, as in a trainer with a
+caching allocator.
 """
 import argparse
 import json
@@ -62,6 +69,7 @@ def main():
     ap.add_argument("--min-time", type=float, default=0.25)
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--shape", default="2048,4096,4,16")
+    ap.add_argument("--suffix", default="", help="appended to the row names (e.g. _jemalloc)")
     a = ap.parse_args()
     B, T, K, G = (int(x) for x in a.shape.split(","))
     logp, old, step, adv, mask = make_batch(B, T, K)
@@ -80,7 +88,7 @@ def main():
             loss, _ = sapo_torch.policy_loss(leaf, old, mask, step=step, step_advantages=adv, num_threads=th)
             loss.backward()
 
-        for impl, fn in (("sapo_torch", forward), ("sapo_torch_fb", forward_backward)):
+        for impl, fn in (("sapo_torch" + a.suffix, forward), ("sapo_torch_fb" + a.suffix, forward_backward)):
             for t in time_call(fn, a.min_time, a.repetitions):
                 rows.append({
                     "name": f"loss_dense/{impl}/B:{B}/T:{T}/K:{K}/G:{G}/threads:{th}/real_time",

@@ -43,7 +43,7 @@ threads_csv="$(echo $threads | tr ' ' ',')"
 [[ "$threads_csv" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || { echo "run.sh: --threads wants positive integers, got '$threads'" >&2; exit 2; }
 
 sapo_install_debs "${SAPO_BUILD_DEBS[@]}" libtorch-dev libopenblas0-pthread libbenchmark-dev python3-matplotlib \
-  python3-torch python3-setuptools python3-dev
+  python3-torch python3-setuptools python3-dev libjemalloc2
 
 build="${SAPO_BENCH_BUILD_DIR:-$SAPO_ROOT/build/bench}"
 out="${out:-$build/results}"
@@ -89,6 +89,12 @@ echo "== sapo_torch (Python, the dispatched build)"
 if [ "$quick" = 1 ]; then py=(--min-time 0.05 --repetitions 1); else py=(--min-time 0.25 --repetitions 3); fi
 PYTHONPATH="$build/python" /usr/bin/python3 "$SAPO_ROOT/bench/bench_python.py" --out "$out/raw_python.json" \
   --threads "$threads_csv" "${py[@]}"
+# The same with the freed pages reused (jemalloc, no purging): without the page faults of a
+# fresh 32 MiB gradient on every call (bench_python.py says why).
+jemalloc=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+LD_PRELOAD="$jemalloc" MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 PYTHONPATH="$build/python" \
+  /usr/bin/python3 "$SAPO_ROOT/bench/bench_python.py" --out "$out/raw_python_jemalloc.json" \
+  --threads "$threads_csv" --suffix _jemalloc "${py[@]}"
 echo "== bench_memory"
 "$build/bench/bench_memory" --out="$out/memory.jsonl"
 t_ran=$(date +%s)

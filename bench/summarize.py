@@ -21,7 +21,8 @@ from collections import defaultdict
 
 IMPLS = ["sapo", "sapo_autograd", "libtorch", "reference", "roofline", "roofline_2pass"]
 # Runtime dispatch (the compiled artefacts' path), one row per instruction set, and the Python package.
-ISA_IMPLS = ["sapo_sse2", "sapo_avx2", "sapo_avx512", "sapo_native", "sapo_torch", "sapo_torch_fb"]
+ISA_IMPLS = ["sapo_sse2", "sapo_avx2", "sapo_avx512", "sapo_native", "sapo_torch", "sapo_torch_fb",
+             "sapo_torch_jemalloc", "sapo_torch_fb_jemalloc"]
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
@@ -253,7 +254,9 @@ def main():
         text += ("\n## Per instruction set (runtime dispatch) and the Python package\n\n" + isa + "\n\n"
                  "sapo_<isa>: the kernels as libsapo_torch.so and sapo_torch run them (built without -march, "
                  "dispatched at run time, forced to that instruction set); sapo: the header build with -march=native; "
-                 "sapo_torch: sapo_torch.policy_loss forward from Python (sapo_torch_fb: + backward). "
+                 "sapo_torch: sapo_torch.policy_loss forward from Python (sapo_torch_fb: + backward), with glibc's "
+                 "malloc (a fresh gradient's page faults on every call) and under jemalloc without purging "
+                 "(*_jemalloc: the pages are reused). "
                  "\"best dispatched / native\" > 1: the dispatched build is slower.\n")
     if mem:
         text += "\n## Peak extra memory\n\n" + mem + "\n"

@@ -155,10 +155,6 @@ class policy_loss_kernel {
   // exact path) goes through the general loop.
   static constexpr uint8_t tile_mixed = 0, tile_off = 1, tile_all_on = 2;
   static constexpr int32_t no_single_step = std::numeric_limits<int32_t>::min();
-  // A gradient of at least this many bytes is written with non-temporal stores: it is far
-  // larger than a core's L2 and a large share of L3, so it would not be read back from cache,
-  // and a streamed store skips reading each line before writing it (one stream of six less).
-  static constexpr double stream_threshold_bytes = 16.0 * 1024 * 1024;
   // Step tables the plain loop takes: as many slots as one register holds (8 float lanes
   // on AVX2, 16 on AVX-512), and at least 8 where lookups are scalar loads anyway.
   static constexpr int64_t plain_table_slots = std::max<int64_t>(8, simd::register_table_slots<T>);
@@ -178,8 +174,6 @@ class policy_loss_kernel {
                   (!use_ref_ || in.ref_logp.col_stride == 1) && (by_step_ || in.token_advantages.col_stride == 1) &&
                   (!have_step_ || in.step.col_stride == 1) && in.mask.col_stride == 1;
     grad_direct_ = std::is_same<T, G>::value && grad.col_stride == 1;
-    stream_out_ = simd::can_stream && grad_direct_ &&
-                  static_cast<double>(B_) * static_cast<double>(T_) * sizeof(G) >= stream_threshold_bytes;
   }
 
   loss_result run() {
@@ -206,7 +200,6 @@ class policy_loss_kernel {
     parallel_for_chunks(chunks.count, o_.num_threads, [&](int64_t c) {
       const std::unique_ptr<scratch> s(new scratch);
       for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) compute_row(i, *s, sums[static_cast<size_t>(c)]);
-      if (stream_out_) simd::stream_fence();  // the streamed gradient is complete before the join
     });
     chunk_sums total;
     for (const chunk_sums& c : sums) {
@@ -858,14 +851,9 @@ class policy_loss_kernel {
       const tile_data d = load_tile(i, t0, n, padded, s);
       T* g_out = s.grad;
       const bool direct_out = grad_direct_ && !d.copied;
-      // Streamed: computed into scratch (in L1), then stored past the caches in whole packs.
-      bool stream = false;
       if constexpr (std::is_same<T, G>::value) {
-        stream = stream_out_ && direct_out &&
-                 reinterpret_cast<std::uintptr_t>(&grad_(i, t0)) % (sizeof(T) * static_cast<size_t>(W)) == 0;
-        if (direct_out && !stream) g_out = &grad_(i, t0);
+        if (direct_out) g_out = &grad_(i, t0);
       }
-      (void)stream;
       // Sums run in double lanes over a short block, then flush to the chunk's double sums
       // (one horizontal add per block, not per pack).
       // The three clip counts share one accumulator, low + 2^8 high + 2^16 dual: a block has
@@ -882,13 +870,6 @@ class policy_loss_kernel {
         else
           compute_block_of_kind<false>(kind, d, s, rc, j0, j_end, g_out, out, ratio_max);
       }
-      if constexpr (std::is_same<T, G>::value) {
-        if (stream) {
-          // direct_out: the tile holds whole packs (n == padded).
-          T* out = &grad_(i, t0);
-          for (int64_t j = 0; j < n; j += W) simd::store_stream(out + j, simd::load(s.grad + j));
-        }
-      }
       if (!direct_out)
         for (int64_t j = 0; j < n; ++j) grad_(i, t0 + j) = static_cast<G>(s.grad[j]);
     }
@@ -902,7 +883,7 @@ class policy_loss_kernel {
   mat_view<G> grad_;
   int64_t B_, T_, K_, slots_;
   bool use_ref_ = false, by_step_ = false, have_step_ = false, counts_ = false;
-  bool contiguous_ = false, grad_direct_ = false, drop_nonfinite_ = false, stream_out_ = false;
+  bool contiguous_ = false, grad_direct_ = false, drop_nonfinite_ = false;
   double inv_norm_ = 0;
   mutable std::vector<int32_t> count_;
   mutable std::vector<double> delta_sum_;

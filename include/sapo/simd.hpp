@@ -265,47 +265,6 @@ constexpr int64_t register_table_slots = 0;
 using ipack = int32_t;
 #endif
 
-/// Stores a pack to memory aligned to the pack's size, bypassing the caches (a non-temporal
-/// store: no read of the line first, and the line does not evict data that is still used).
-/// For outputs too large to be read back from cache anyway. stream_fence() orders the
-/// streamed stores before the stores that follow (call it before the data is published).
-template <class T>
-void store_stream(T* p, const pack<T>& v) {
-#if SAPO_HAS_XSIMD && (defined(__x86_64__) || defined(__i386__))
-  constexpr std::size_t bytes = sizeof(T) * lanes<T>;
-  if constexpr (std::is_same<T, float>::value && bytes == 64) {
-    _mm512_stream_ps(p, v);
-  } else if constexpr (std::is_same<T, double>::value && bytes == 64) {
-    _mm512_stream_pd(p, v);
-  } else if constexpr (std::is_same<T, float>::value && bytes == 32) {
-    _mm256_stream_ps(p, v);
-  } else if constexpr (std::is_same<T, double>::value && bytes == 32) {
-    _mm256_stream_pd(p, v);
-  } else if constexpr (std::is_same<T, float>::value && bytes == 16) {
-    _mm_stream_ps(p, v);
-  } else if constexpr (std::is_same<T, double>::value && bytes == 16) {
-    _mm_stream_pd(p, v);
-  } else {
-    store(p, v);
-  }
-#else
-  store(p, v);
-#endif
-}
-inline void stream_fence() {
-#if SAPO_HAS_XSIMD && (defined(__x86_64__) || defined(__i386__))
-  _mm_sfence();
-#endif
-}
-/// Whether streamed stores are worth it on this build (x86 with packs).
-constexpr bool can_stream = SAPO_HAS_XSIMD && (
-#if defined(__x86_64__) || defined(__i386__)
-                                                   true
-#else
-                                                   false
-#endif
-                                               );
-
 /// A sum in double of packs of T: every lane is converted to double as it is added (SPEC §7:
 /// reductions accumulate in double). Float packs of W lanes feed two double packs of W / 2.
 template <class T>
